@@ -1,0 +1,24 @@
+# Fine-tune a vision-language model on RoboVQA with a two-stage curriculum.
+# The DAG: download -> extract_frames (one job per shard) -> build_jsonl.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/download.smk"
+include: "rules/frames.smk"
+include: "rules/jsonl.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        JSONL_OUTPUTS.values(),
+        "results/data/metadata.json",

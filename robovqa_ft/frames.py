@@ -1,0 +1,214 @@
+"""Extract one shard: frames to `images/<video_id>/<NN>.jpg`, and a per-record index.
+
+A shard is published all at once: frames are written to a staging folder and each
+clip's folder is renamed into `images/` only when the whole shard has been read,
+just before the index appears. A kill at any point leaves no half-written JPEG in
+`images/`, and a re-run starts the shard afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+from PIL import Image
+from tqdm import tqdm
+
+from robovqa_ft.files import atomic_open
+from robovqa_ft.qa import parse_qa_text
+from robovqa_ft.records import decode_sequence_example, iter_tfrecord
+
+log = logging.getLogger(__name__)
+
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_ID_LENGTH = 100
+
+
+def frame_name(index: int) -> str:
+    return f"{index:02d}.jpg"
+
+
+def clip_frame_paths(video_id: str, frames_per_clip: int) -> list[str]:
+    """The clip's frame paths relative to the images folder, in frame order."""
+    return [f"{video_id}/{frame_name(i)}" for i in range(frames_per_clip)]
+
+
+def video_id_for(unique_id: str | None, shard: str, index: int) -> str:
+    """A folder-safe, stable id: the record's own id when it has one, else shard and index."""
+    if unique_id is None or not unique_id.strip():
+        return sanitize_id(f"{shard}-{index:06d}")
+    return sanitize_id(unique_id)
+
+
+def sanitize_id(raw: str) -> str:
+    """`raw` if it is a safe folder name; otherwise a cleaned form plus a hash of `raw`."""
+    clean = _UNSAFE_ID_CHARS.sub("_", raw).strip("._-")[:_MAX_ID_LENGTH]
+    if clean == raw:
+        return clean
+    digest = hashlib.sha1(raw.encode("utf-8")).hexdigest()[:10]
+    return f"{clean or 'id'}-{digest}"
+
+
+def resize_jpeg(data: bytes, size: tuple[int, int], quality: int) -> tuple[bytes, tuple[int, int]]:
+    """The frame re-encoded at `size`, and its original size.
+
+    `draft` lets the JPEG decoder scale by 1/2, 1/4 or 1/8 in the DCT domain, so a
+    large frame is never decoded at full size only to be shrunk.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        original = image.size
+        image.draft("RGB", size)
+        resized = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    resized.save(out, "JPEG", quality=quality)
+    return out.getvalue(), original
+
+
+@dataclass
+class ShardSummary:
+    records: int = 0
+    clips: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+
+def extract_shard(
+    shard_path: Path | str,
+    shard: str,
+    images_dir: Path | str,
+    staging_dir: Path | str,
+    index_path: Path | str,
+    frame_size: tuple[int, int],
+    frames_per_clip: int,
+    jpeg_quality: int,
+) -> ShardSummary:
+    """Write the frames of every usable record of a shard, and one index line per record."""
+    shard_path, images_dir = Path(shard_path), Path(images_dir)
+    staging = Path(staging_dir) / shard
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    staging.mkdir(parents=True)
+    try:
+        summary = _extract_to_staging(
+            shard_path,
+            shard,
+            images_dir,
+            staging,
+            index_path,
+            tuple(frame_size),
+            frames_per_clip,
+            jpeg_quality,
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    counts = (summary.records, summary.clips, dict(summary.skipped))
+    log.info("%s: %d records, %d clips, skipped %s", shard, *counts)
+    return summary
+
+
+def _extract_to_staging(
+    shard_path: Path,
+    shard: str,
+    images_dir: Path,
+    staging: Path,
+    index_path: Path | str,
+    size: tuple[int, int],
+    frames_per_clip: int,
+    jpeg_quality: int,
+) -> ShardSummary:
+    summary = ShardSummary()
+    seen: set[str] = set()
+    with (
+        atomic_open(index_path) as index,
+        tqdm(
+            total=shard_path.stat().st_size, unit="B", unit_scale=True, desc=shard, mininterval=5
+        ) as progress,
+    ):
+        for number, (offset, payload) in enumerate(iter_tfrecord(shard_path)):
+            progress.update(offset + len(payload) + 16 - progress.n)
+            summary.records += 1
+            entry = _extract_record(
+                payload, shard, number, staging, seen, size, frames_per_clip, jpeg_quality
+            )
+            entry.update(index=number, offset=offset)
+            if entry["status"] == "ok":
+                summary.clips += 1
+                seen.add(entry["video_id"])
+            else:
+                summary.skipped[entry["reason"]] += 1
+                log.warning(
+                    "%s record %d (byte %d): skipped, %s: %s",
+                    *(shard, number, offset, entry["reason"], entry["detail"]),
+                )
+            index.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        _publish(staging, images_dir)
+    return summary
+
+
+def _skip(video_id: str, reason: str, detail: str) -> dict:
+    return {"status": "skipped", "video_id": video_id, "reason": reason, "detail": detail}
+
+
+def _extract_record(
+    payload: bytes,
+    shard: str,
+    number: int,
+    staging: Path,
+    seen: set[str],
+    size: tuple[int, int],
+    frames_per_clip: int,
+    jpeg_quality: int,
+) -> dict:
+    """The index entry of one record; its frames are written to `staging` if it is usable."""
+    try:
+        raw = decode_sequence_example(payload)
+    except DecodeError as error:
+        return _skip(video_id_for(None, shard, number), "unparsable_record", str(error))
+    video_id = video_id_for(raw.unique_id, shard, number)
+    if video_id in seen:
+        return _skip(video_id, "duplicate_video_id", f"unique_id {raw.unique_id!r} seen earlier")
+    if len(raw.frames) != frames_per_clip:
+        detail = f"{len(raw.frames)} frames, expected {frames_per_clip}"
+        return _skip(video_id, "wrong_frame_count", detail)
+    parsed = parse_qa_text(raw.text or "")
+    if not parsed.qas:
+        detail = "no text" if raw.text is None else f"no usable QA block ({dict(parsed.skipped)})"
+        return _skip(video_id, "no_valid_qa", detail)
+    clip_dir = staging / video_id
+    clip_dir.mkdir()
+    source_sizes = set()
+    for i, frame in enumerate(raw.frames):
+        try:
+            jpeg, original = resize_jpeg(frame, size, jpeg_quality)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            shutil.rmtree(clip_dir)
+            return _skip(video_id, "undecodable_frame", f"frame {i}: {error}")
+        (clip_dir / frame_name(i)).write_bytes(jpeg)
+        source_sizes.add(original)
+    return {
+        "status": "ok",
+        "video_id": video_id,
+        "unique_id": raw.unique_id,
+        "source_size": "x".join(map(str, max(source_sizes))),
+        "qas": [
+            {"tag": qa.tag, "family": qa.family, "prompt": qa.prompt, "answer": qa.answer}
+            for qa in parsed.qas
+        ],
+        "qa_skipped": dict(parsed.skipped),
+    }
+
+
+def _publish(staging: Path, images_dir: Path) -> None:
+    """Move each finished clip folder into place; a folder rename is atomic."""
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for clip_dir in staging.iterdir():
+        target = images_dir / clip_dir.name
+        if target.exists():
+            shutil.rmtree(target)
+        clip_dir.replace(target)

@@ -1,0 +1,221 @@
+"""Split clips by video and write the curriculum JSONL for both stages, plus metadata.
+
+Stage 1 has one question per line, stage 2 one clip per line with all its QAs as
+turns; both come from the same clip split, so no val clip is trained on by either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from contextlib import ExitStack
+from pathlib import Path
+
+from robovqa_ft.files import atomic_open, write_json_atomic
+from robovqa_ft.frames import clip_frame_paths
+from robovqa_ft.qa import FAMILIES
+
+log = logging.getLogger(__name__)
+
+STAGES = ("stage1", "stage2")
+SPLIT_METHODS = ("hash", "official")
+
+
+def _rank_key(seed: int, purpose: str, video_id: str) -> bytes:
+    return hashlib.sha256(f"{seed}:{purpose}:{video_id}".encode()).digest()
+
+
+def _lowest(video_ids: Iterable[str], ratio: float, seed: int, purpose: str) -> set[str]:
+    """The round(ratio * n) ids ranked first by a seeded hash: deterministic, nested in ratio."""
+    ranked = sorted(video_ids, key=lambda v: _rank_key(seed, purpose, v))
+    return set(ranked[: round(ratio * len(ranked))])
+
+
+def assign_splits(
+    bucket_splits: dict[str, str], method: str, val_ratio: float, seed: int
+) -> dict[str, str]:
+    """video_id -> "train" or "val".
+
+    `hash` pools both bucket splits and puts exactly round(val_ratio * n) clips in
+    val (the seed's 22,191 of 221,912); `official` keeps the bucket's own split.
+    """
+    if method == "official":
+        return dict(bucket_splits)
+    if method != "hash":
+        raise ValueError(f"split method {method!r} is not one of {SPLIT_METHODS}")
+    val = _lowest(bucket_splits, val_ratio, seed, "val")
+    return {vid: "val" if vid in val else "train" for vid in bucket_splits}
+
+
+def select_subset(splits: dict[str, str], subset_ratio: float, seed: int) -> dict[str, str]:
+    """The clips kept by `subset_ratio`, taken per split so the val share is kept.
+
+    A smaller ratio keeps a subset of what a larger one keeps.
+    """
+    if subset_ratio >= 1:
+        return dict(splits)
+    kept: set[str] = set()
+    for split in ("train", "val"):
+        members = [vid for vid, s in splits.items() if s == split]
+        kept |= _lowest(members, subset_ratio, seed, "subset")
+    return {vid: split for vid, split in splits.items() if vid in kept}
+
+
+def read_shard_indexes(index_paths: Iterable[Path | str]) -> tuple[list[dict], Counter]:
+    """The usable clips of all shards in order, and the skipped records by reason.
+
+    A video id seen in an earlier shard is skipped as a duplicate.
+    """
+    clips, skipped, seen = [], Counter(), set()
+    for path in index_paths:
+        split = Path(path).parent.name
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                entry = json.loads(line)
+                if entry["status"] == "ok" and entry["video_id"] in seen:
+                    entry.update(status="skipped", reason="duplicate_video_id")
+                    log.warning("%s: video id %s already seen; skipped", path, entry["video_id"])
+                if entry["status"] != "ok":
+                    skipped[entry["reason"]] += 1
+                    continue
+                seen.add(entry["video_id"])
+                clips.append({**entry, "bucket_split": split})
+    return clips, skipped
+
+
+def stage1_lines(clip: dict, images: list[str]) -> list[dict]:
+    return [
+        {
+            "id": f"{clip['video_id']}-{k:02d}",
+            "video_id": clip["video_id"],
+            "images": images,
+            "task": qa["family"],
+            "answer_type": answer_type(qa),
+            "conversations": [
+                {"from": "human", "value": qa["prompt"]},
+                {"from": "gpt", "value": qa["answer"]},
+            ],
+        }
+        for k, qa in enumerate(clip["qas"])
+    ]
+
+
+def stage2_line(clip: dict, images: list[str]) -> dict:
+    turns = []
+    for qa in clip["qas"]:
+        turns += [{"from": "human", "value": qa["prompt"]}, {"from": "gpt", "value": qa["answer"]}]
+    return {
+        "id": clip["video_id"],
+        "video_id": clip["video_id"],
+        "images": images,
+        "task": "multi",
+        "tasks": [qa["family"] for qa in clip["qas"]],
+        "answer_types": [answer_type(qa) for qa in clip["qas"]],
+        "conversations": turns,
+    }
+
+
+def answer_type(qa: dict) -> str:
+    """`yes_no` for the two discrete tags, else `freeform` (from the tag, never the prompt)."""
+    return "yes_no" if ":discrete:" in qa["tag"] else "freeform"
+
+
+def build_jsonl(
+    index_paths: Iterable[Path | str],
+    outputs: dict[str, Path | str],
+    metadata_path: Path | str,
+    split: str,
+    val_ratio: float,
+    split_seed: int,
+    subset_ratio: float,
+    frames_per_clip: int,
+    frame_size: list[int],
+    source: str,
+) -> dict:
+    """Write `outputs["stage1/train"]` ... `outputs["stage2/val"]` and the metadata; returns it."""
+    index_paths = sorted(map(Path, index_paths))
+    clips, skipped = read_shard_indexes(index_paths)
+    if not clips:
+        raise ValueError(f"no usable clip in {len(index_paths)} shards; skipped: {dict(skipped)}")
+    splits = assign_splits(
+        {c["video_id"]: c["bucket_split"] for c in clips}, split, val_ratio, split_seed
+    )
+    kept = select_subset(splits, subset_ratio, split_seed)
+    stats = {s: _empty_split_stats() for s in ("train", "val")}
+    with ExitStack() as stack:  # all four files appear together, or none does
+        files = {key: stack.enter_context(atomic_open(path)) for key, path in outputs.items()}
+        for clip in clips:
+            target = kept.get(clip["video_id"])
+            if target is None:
+                continue
+            images = clip_frame_paths(clip["video_id"], frames_per_clip)
+            for line in stage1_lines(clip, images):
+                files[f"stage1/{target}"].write(json.dumps(line, ensure_ascii=False) + "\n")
+            files[f"stage2/{target}"].write(
+                json.dumps(stage2_line(clip, images), ensure_ascii=False) + "\n"
+            )
+            _count(stats[target], clip)
+    qa_skipped = sum((Counter(c["qa_skipped"]) for c in clips), Counter())
+    metadata = {
+        "source": source,
+        "shards": len(index_paths),
+        "split": {
+            "method": split,
+            "val_ratio": val_ratio,
+            "split_seed": split_seed,
+            "subset_ratio": subset_ratio,
+        },
+        "records": {
+            "usable": len(clips),
+            "skipped": dict(sorted(skipped.items())),
+            "total": len(clips) + sum(skipped.values()),
+        },
+        "qa_blocks_skipped": dict(sorted(qa_skipped.items())),
+        "frames": {
+            "per_clip": frames_per_clip,
+            "size": list(frame_size),
+            "source_sizes": dict(Counter(c["source_size"] for c in clips).most_common()),
+        },
+        "splits": {s: _finish_split_stats(v) for s, v in stats.items()},
+    }
+    write_json_atomic(metadata_path, metadata)
+    return metadata
+
+
+def _empty_split_stats() -> dict:
+    return {
+        "clips": 0,
+        "from_bucket_split": Counter(),
+        "qas_per_clip": Counter(),
+        "families": Counter({f: 0 for f in FAMILIES}),
+        "answers": Counter(),
+    }
+
+
+def _count(stats: dict, clip: dict) -> None:
+    stats["clips"] += 1
+    stats["from_bucket_split"][clip["bucket_split"]] += 1
+    stats["qas_per_clip"][len(clip["qas"])] += 1
+    for qa in clip["qas"]:
+        stats["families"][qa["family"]] += 1
+        if answer_type(qa) == "yes_no":
+            stats["answers"][f"{qa['family']}:{qa['answer']}"] += 1
+
+
+def _finish_split_stats(stats: dict) -> dict:
+    qas = sum(stats["families"].values())
+    return {
+        "clips": stats["clips"],
+        "stage1_samples": qas,
+        "stage2_conversations": stats["clips"],
+        "from_bucket_split": dict(stats["from_bucket_split"]),
+        "families": dict(stats["families"]),
+        "yes_no_answers": dict(sorted(stats["answers"].items())),
+        "qas_per_clip": {
+            "mean": round(qas / stats["clips"], 3) if stats["clips"] else 0,
+            "histogram": {str(k): v for k, v in sorted(stats["qas_per_clip"].items())},
+        },
+    }

@@ -1,0 +1,49 @@
+"""Logging of the workflow's jobs: all to the rule's log file, errors also to the terminal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@contextmanager
+def log_to(path: Path | str) -> Iterator[None]:
+    """Send logging, warnings, progress bars and native libraries' stderr of one job to `path`.
+
+    Errors are also shown on the terminal, where Snakemake's own report appears.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    terminal_fd = os.dup(2)
+    with (
+        open(path, "a", encoding="utf-8", buffering=1) as stream,
+        os.fdopen(terminal_fd, "w", encoding="utf-8", buffering=1) as terminal,
+    ):
+        os.dup2(stream.fileno(), 2)  # TensorFlow's C++ start-up chatter goes to the log
+        to_terminal = logging.StreamHandler(terminal)
+        to_terminal.setLevel(logging.ERROR)
+        logging.basicConfig(
+            level=logging.INFO,
+            format=FORMAT,
+            handlers=[logging.StreamHandler(stream), to_terminal],
+            force=True,
+        )
+        logging.captureWarnings(True)
+        try:
+            with redirect_stderr(stream):
+                yield
+        except Exception as error:
+            logging.getLogger("robovqa_ft").error("%s (traceback in %s)", error, path)
+            stream.write("".join(traceback.format_exception(error)))
+            raise
+        finally:
+            stream.flush()
+            os.dup2(terminal.fileno(), 2)
+            logging.basicConfig(force=True)

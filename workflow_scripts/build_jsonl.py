@@ -1,0 +1,22 @@
+"""Snakemake adapter: split by video and write both stages' JSONL and the metadata."""
+
+from robovqa_ft.jsonl import STAGES, build_jsonl
+from robovqa_ft.logs import log_to
+
+with log_to(snakemake.log[0]):
+    build_jsonl(
+        index_paths=snakemake.input,
+        outputs={
+            f"{stage}/{split}": snakemake.output[f"{stage}_{split}"]
+            for stage in STAGES
+            for split in ("train", "val")
+        },
+        metadata_path=snakemake.output.metadata,
+        split=snakemake.params.split,
+        val_ratio=snakemake.params.val_ratio,
+        split_seed=snakemake.params.split_seed,
+        subset_ratio=snakemake.params.subset_ratio,
+        frames_per_clip=snakemake.params.frames_per_clip,
+        frame_size=snakemake.params.frame_size,
+        source=snakemake.params.source,
+    )

@@ -1,0 +1,13 @@
+"""Snakemake adapter: resolve the source to shards and write the manifest."""
+
+from robovqa_ft.bucket import prepare_source
+from robovqa_ft.logs import log_to
+
+with log_to(snakemake.log[0]):
+    prepare_source(
+        source=snakemake.params.source,
+        manifest=snakemake.output.manifest,
+        download_dir=snakemake.params.download_dir,
+        workers=snakemake.params.workers,
+        demo=snakemake.params.demo,
+    )

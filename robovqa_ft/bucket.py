@@ -117,14 +117,19 @@ def download_gcs(
     `bucket` defaults to an anonymous client's bucket (the data is public); tests pass
     a stand-in with the same `list_blobs` and `Blob.download_to_filename`.
     """
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
     name, prefix = parse_gcs_uri(uri)
     dest = Path(dest)
     bucket = bucket if bucket is not None else _anonymous_bucket(name)
+    retry = DEFAULT_RETRY.with_timeout(timeout)  # fail within a minute when offline
     try:
         blobs = [
             blob
             for split in SPLITS
-            for blob in bucket.list_blobs(prefix=f"{prefix}/{split}/{split}", timeout=timeout)
+            for blob in bucket.list_blobs(
+                prefix=f"{prefix}/{split}/{split}", timeout=timeout, retry=retry
+            )
             if not blob.name.endswith("/")
         ]
     except Exception as error:  # the client raises many types: transport, auth, API
@@ -146,7 +151,7 @@ def download_gcs(
             path.parent.mkdir(parents=True, exist_ok=True)
             part = path.with_name(path.name + ".part")
             # The client verifies the checksum itself and raises on a mismatch.
-            blob.download_to_filename(str(part), checksum="crc32c", timeout=timeout)
+            blob.download_to_filename(str(part), checksum="crc32c", timeout=timeout, retry=retry)
             part.replace(path)
         progress.update(blob.size)
         return Shard(split, path.name, str(path.resolve()), blob.size)

@@ -51,7 +51,7 @@ def video_id_for(unique_id: str | None, shard: str, index: int) -> str:
 def sanitize_id(raw: str) -> str:
     """`raw` if it is a safe folder name; otherwise a cleaned form plus a hash of `raw`."""
     clean = _UNSAFE_ID_CHARS.sub("_", raw).strip("._-")[:_MAX_ID_LENGTH]
-    if clean == raw:
+    if clean and clean == raw:
         return clean
     digest = hashlib.sha1(raw.encode("utf-8")).hexdigest()[:10]
     return f"{clean or 'id'}-{digest}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 # tag -> task family. The trailing True/False of two tags is the answer itself.
 TASK_FAMILIES: dict[str, str] = {
@@ -104,7 +105,7 @@ def parse_qa_text(text: str) -> ParsedText:
     starts = [m.start() for m in _TASK_START.finditer(text)]
     if text[: starts[0] if starts else len(text)].strip():
         parsed.skipped["malformed_qa_block"] += 1
-    for start, end in zip(starts, [*starts[1:], len(text)], strict=True):
+    for start, end in pairwise([*starts, len(text)]):
         block = _BLOCK.fullmatch(text, start, end)
         if block is None:
             parsed.skipped["malformed_qa_block"] += 1

@@ -16,7 +16,7 @@ rule extract_frames:
     params:
         images_dir="results/data/images",
         staging_dir="results/data/.staging",
-        frame_size=config["frame_size"],
+        frame_size=(config["frame_size"], config["frame_size"]),
         frames_per_clip=config["frames_per_clip"],
         jpeg_quality=config["jpeg_quality"],
     script:

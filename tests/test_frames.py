@@ -1,0 +1,148 @@
+import io
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import SMALL_FRAME, good_record
+from PIL import Image
+
+from robovqa_ft.demo_bucket import BAD_KINDS, bad_record, sequence_example
+from robovqa_ft.frames import extract_shard, resize_jpeg
+from robovqa_ft.records import CorruptShardError
+
+
+def run_extract(shard, tmp_path, size=(32, 32)):
+    index = tmp_path / "clips" / "train" / f"{shard.name}.jsonl"
+    summary = extract_shard(
+        shard_path=shard,
+        shard=shard.name,
+        images_dir=tmp_path / "images",
+        staging_dir=tmp_path / "staging",
+        index_path=index,
+        frame_size=size,
+        frames_per_clip=16,
+        jpeg_quality=90,
+    )
+    return summary, index
+
+
+def read_index(index):
+    return [json.loads(line) for line in index.read_text().splitlines()]
+
+
+def test_good_records_become_16_resized_frames_and_index_lines(make_shard, tmp_path):
+    shard = make_shard([good_record("clip-a", 1), good_record("clip-b", 2)])
+    summary, index = run_extract(shard, tmp_path, size=(40, 30))
+    assert (summary.records, summary.clips) == (2, 2)
+    entries = read_index(index)
+    assert [e["video_id"] for e in entries] == ["clip-a", "clip-b"]
+    assert entries[0]["source_size"] == "x".join(map(str, SMALL_FRAME))
+    assert entries[0]["qas"] and all(q["answer"] for q in entries[0]["qas"])
+    for vid in ("clip-a", "clip-b"):
+        frames = sorted((tmp_path / "images" / vid).iterdir())
+        assert [f.name for f in frames] == [f"{i:02d}.jpg" for i in range(16)]
+        assert all(Image.open(f).size == (40, 30) for f in frames)
+    assert not (tmp_path / "staging" / shard.name).exists()
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_each_bad_record_is_skipped_counted_and_logged(make_shard, tmp_path, kind, caplog):
+    rng = random.Random(0)
+    shard = make_shard([good_record("ok-1", 1), bad_record(kind, "bad", rng, SMALL_FRAME)])
+    summary, index = run_extract(shard, tmp_path)
+    assert summary.clips == 1 and summary.skipped == {kind: 1}
+    bad = read_index(index)[1]
+    assert (bad["status"], bad["reason"], bad["index"]) == ("skipped", kind, 1)
+    assert bad["offset"] > 0
+    assert not (tmp_path / "images" / "bad").exists()
+    assert f"{shard.name} record 1" in caplog.text and kind in caplog.text
+
+
+def test_record_without_text_or_unparsable_payload_is_skipped(make_shard, tmp_path):
+    no_text = sequence_example("no-text", [b"\xff\xd8"] * 16, None)
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"  # a valid TFRecord frame around an invalid proto
+    shard = make_shard([good_record("x"), no_text, garbage])
+    summary, index = run_extract(shard, tmp_path)
+    reasons = [e.get("reason") for e in read_index(index)]
+    assert reasons == [None, "no_valid_qa", "unparsable_record"]
+    assert summary.skipped == {"no_valid_qa": 1, "unparsable_record": 1}
+
+
+def test_missing_unique_id_gets_a_stable_id_and_duplicates_are_skipped(make_shard, tmp_path):
+    shard = make_shard([good_record(None, 1), good_record("same", 2), good_record("same", 3)])
+    _, index = run_extract(shard, tmp_path)
+    entries = read_index(index)
+    assert entries[0]["video_id"] == f"{shard.name}-000000"
+    assert [e["status"] for e in entries] == ["ok", "ok", "skipped"]
+    assert entries[2]["reason"] == "duplicate_video_id"
+    _, again = run_extract(shard, tmp_path)
+    assert read_index(again)[0]["video_id"] == entries[0]["video_id"]
+
+
+def test_unsafe_unique_id_stays_inside_the_images_folder(make_shard, tmp_path):
+    shard = make_shard([good_record("../../escaped/clip", 1)])
+    _, index = run_extract(shard, tmp_path)
+    video_id = read_index(index)[0]["video_id"]
+    assert "/" not in video_id and not video_id.startswith(".")
+    assert (tmp_path / "images" / video_id / "15.jpg").is_file()
+    assert not (tmp_path.parent / "escaped").exists()
+
+
+def test_corrupt_shard_publishes_nothing(make_shard, tmp_path):
+    shard = make_shard([good_record(f"clip-{i}", i) for i in range(3)])
+    shard.write_bytes(shard.read_bytes()[:-50])
+    with pytest.raises(CorruptShardError, match=shard.name):
+        run_extract(shard, tmp_path)
+    assert not list((tmp_path / "clips").rglob("*.jsonl"))
+    assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
+    assert not (tmp_path / "staging" / shard.name).exists()
+
+
+def test_draft_decodes_large_frames_at_reduced_size():
+    big = Image.new("RGB", (1280, 960), (200, 10, 10))
+    data = io.BytesIO()
+    big.save(data, "JPEG")
+    with Image.open(io.BytesIO(data.getvalue())) as image:
+        image.draft("RGB", (288, 288))
+        assert image.size == (320, 240) or image.size[0] < 1280  # what resize_jpeg relies on
+    jpeg, original = resize_jpeg(data.getvalue(), (288, 288), 90)
+    assert original == (1280, 960)
+    assert Image.open(io.BytesIO(jpeg)).size == (288, 288)
+
+
+KILL_SCRIPT = """
+import sys
+from robovqa_ft.frames import extract_shard
+extract_shard(sys.argv[1], "shard", sys.argv[2], sys.argv[3], sys.argv[4], (64, 64), 16, 90)
+"""
+
+
+def test_kill_mid_shard_leaves_no_partial_frame_and_rerun_completes(make_shard, tmp_path):
+    shard = make_shard([good_record(f"clip-{i:03d}", i, size=(640, 480)) for i in range(60)])
+    images, staging, index = tmp_path / "images", tmp_path / "staging", tmp_path / "index.jsonl"
+    args = [sys.executable, "-c", KILL_SCRIPT, str(shard), str(images), str(staging), str(index)]
+    process = subprocess.Popen(args)
+    deadline = time.monotonic() + 120
+    while len(list(staging.rglob("*.jpg"))) < 40 and process.poll() is None:
+        assert time.monotonic() < deadline, "extraction never started"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the kill came after the shard finished"
+    assert not index.exists()
+    assert not images.exists() or not any(images.iterdir())
+
+    extract_shard(shard, "shard", images, staging, index, (64, 64), 16, 90)
+    clips = sorted(images.iterdir())
+    assert len(clips) == 60 and len(read_index(index)) == 60
+    for clip in clips:
+        frames = sorted(clip.iterdir())
+        assert len(frames) == 16
+        for frame in frames:
+            with Image.open(frame) as image:
+                image.load()  # raises on a truncated JPEG
+    assert not (staging / "shard").exists()

@@ -90,7 +90,7 @@ def clip_text(clip: DemoClip, rng: random.Random) -> str:
 def clip_frames(
     clip: DemoClip, rng: random.Random, size: tuple[int, int], count: int
 ) -> list[bytes]:
-    """JPEG frames: a coloured blob crossing a noisy table; the cues in the last frame."""
+    """JPEG frames: a coloured blob crossing a grey table; the cues in the last frame."""
     width, height = size
     blob = max(8, min(width, height) // 5)
     frames = []

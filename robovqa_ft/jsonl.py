@@ -16,7 +16,7 @@ from pathlib import Path
 
 from robovqa_ft.files import atomic_open, write_json_atomic
 from robovqa_ft.frames import clip_frame_paths
-from robovqa_ft.qa import FAMILIES
+from robovqa_ft.qa import FAMILIES, answer_type
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def stage1_lines(clip: dict, images: list[str]) -> list[dict]:
             "video_id": clip["video_id"],
             "images": images,
             "task": qa["family"],
-            "answer_type": answer_type(qa),
+            "answer_type": answer_type(qa["tag"]),
             "conversations": [
                 {"from": "human", "value": qa["prompt"]},
                 {"from": "gpt", "value": qa["answer"]},
@@ -113,14 +113,9 @@ def stage2_line(clip: dict, images: list[str]) -> dict:
         "images": images,
         "task": "multi",
         "tasks": [qa["family"] for qa in clip["qas"]],
-        "answer_types": [answer_type(qa) for qa in clip["qas"]],
+        "answer_types": [answer_type(qa["tag"]) for qa in clip["qas"]],
         "conversations": turns,
     }
-
-
-def answer_type(qa: dict) -> str:
-    """`yes_no` for the two discrete tags, else `freeform` (from the tag, never the prompt)."""
-    return "yes_no" if ":discrete:" in qa["tag"] else "freeform"
 
 
 def build_jsonl(
@@ -201,7 +196,7 @@ def _count(stats: dict, clip: dict) -> None:
     stats["qas_per_clip"][len(clip["qas"])] += 1
     for qa in clip["qas"]:
         stats["families"][qa["family"]] += 1
-        if answer_type(qa) == "yes_no":
+        if answer_type(qa["tag"]) == "yes_no":
             stats["answers"][f"{qa['family']}:{qa['answer']}"] += 1
 
 

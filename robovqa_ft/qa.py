@@ -66,6 +66,11 @@ class ParsedText:
     skipped: Counter = field(default_factory=Counter)
 
 
+def answer_type(tag: str) -> str:
+    """`yes_no` for the two discrete tags (whose suffix is the answer), else `freeform`."""
+    return "yes_no" if tag.endswith((":True", ":False")) else "freeform"
+
+
 def _collapse(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
@@ -88,7 +93,7 @@ def _parse_block(tag: str, body: str) -> QA | str:
     answer = binary.group(1) if binary else _collapse(answer)
     if not question or not answer or _ANY_TAG.search(context + question + answer):
         return "malformed_qa_block"
-    if tag.endswith((":True", ":False")):
+    if answer_type(tag) == "yes_no":
         if not binary:
             return "malformed_qa_block"
         if (answer == "yes") != tag.endswith(":True"):

@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/snakemake --cores 2 --directory demo --configfile config/demo.yaml
 	@echo
+	@$(BIN)/python -m robovqa_ft.jsonl demo/results/data/metadata.json
 	@echo "Demo results: demo/results/data/ (JSONL: stage1/, stage2/; frames: images/; metadata.json)"
 
 test: $(STAMP)

@@ -177,7 +177,30 @@ def build_jsonl(
         "splits": {s: _finish_split_stats(v) for s, v in stats.items()},
     }
     write_json_atomic(metadata_path, metadata)
+    log.info("\n%s", describe(metadata))
     return metadata
+
+
+def describe(metadata: dict) -> str:
+    """A few lines a person reads first: what was kept, what was skipped and why."""
+    records, splits = metadata["records"], metadata["splits"]
+    lines = [
+        f"{records['usable']:,} of {records['total']:,} records usable; skipped: "
+        f"{metadata['records']['skipped'] or 'none'}; QA blocks skipped: "
+        f"{metadata['qa_blocks_skipped'] or 'none'}"
+    ]
+    for split, stats in splits.items():
+        lines.append(
+            f"{split}: {stats['clips']:,} clips, {stats['stage1_samples']:,} stage-1 samples, "
+            f"{stats['qas_per_clip']['mean']} QAs per clip; {stats['families']}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(describe(json.loads(Path(sys.argv[1]).read_text())))
 
 
 def _empty_split_stats() -> dict:

@@ -11,6 +11,7 @@ import base64
 import csv
 import logging
 import shutil
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ DEFAULT_SOURCE = "gs://gdm-robovqa/tfrecord"
 # The anonymised bucket of the paper's review, still named by the official notebook.
 SOURCE_ALIASES = {"gs://anon_robovqa/tfrecord": DEFAULT_SOURCE}
 MANIFEST_FIELDS = ("split", "shard", "path", "bytes")
+# Files that an interrupted download leaves: ours, and gcloud/gsutil's.
+PARTIAL_SUFFIXES = (".part", ".gstmp", "_.gstmp")
+DOWNLOAD_ATTEMPTS = 3
+RETRY_WAIT_SECONDS = 10
 
 
 class BucketError(RuntimeError):
@@ -66,7 +71,7 @@ def local_shards(root: Path | str) -> list[Shard]:
         Shard(split, path.name, str(path), path.stat().st_size)
         for split in SPLITS
         for path in sorted((root / split).glob(f"{split}*"))
-        if path.is_file() and not path.name.endswith(".part")
+        if path.is_file() and not path.name.endswith(PARTIAL_SUFFIXES)
     ]
     if not shards:
         raise BucketError(
@@ -128,7 +133,7 @@ def download_gcs(
             blob
             for split in SPLITS
             for blob in bucket.list_blobs(
-                prefix=f"{prefix}/{split}/{split}", timeout=timeout, retry=retry
+                prefix="/".join(filter(None, (prefix, split, split))), timeout=timeout, retry=retry
             )
             if not blob.name.endswith("/")
         ]
@@ -143,16 +148,12 @@ def download_gcs(
         raise BucketError(f"gs://{name}/{prefix} has no objects under train/train* or val/val*")
 
     def fetch(blob: Any) -> Shard:
-        split = blob.name[len(prefix) + 1 :].split("/")[0]
+        split = Path(blob.name).parent.name
         path = dest / split / Path(blob.name).name
         if is_complete(path, blob.size, blob.crc32c):
             log.info("%s: already complete, not fetched again", path)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            part = path.with_name(path.name + ".part")
-            # The client verifies the checksum itself and raises on a mismatch.
-            blob.download_to_filename(str(part), checksum="crc32c", timeout=timeout, retry=retry)
-            part.replace(path)
+            _download(blob, path, timeout)
         progress.update(blob.size)
         return Shard(split, path.name, str(path.resolve()), blob.size)
 
@@ -165,13 +166,45 @@ def download_gcs(
         return list(pool.map(fetch, blobs))
 
 
+def _download(blob: Any, path: Path, timeout: float) -> None:
+    """Fetch one object to `path` via `path.part`, a few times if the connection drops."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            # The client verifies the CRC-32C itself and raises on a mismatch.
+            blob.download_to_filename(
+                str(part), checksum="crc32c", timeout=timeout, retry=DEFAULT_RETRY
+            )
+            part.replace(path)
+            return
+        except Exception as error:  # transport, checksum, API: all worth another try
+            if attempt == DOWNLOAD_ATTEMPTS:
+                raise BucketError(f"{blob.name}: {attempt} attempts failed: {error}") from error
+            log.warning("%s: attempt %d failed (%s); retrying", blob.name, attempt, error)
+            time.sleep(RETRY_WAIT_SECONDS * attempt)
+
+
+def source_folders(source: str, download_dir: str) -> list[str]:
+    """The existing folders whose shards the manifest lists: a shard added to or deleted
+    from them changes their time stamp, so the download step runs again."""
+    if source == "demo":
+        return []
+    if source.startswith("gs://"):
+        root = Path(download_dir, *parse_gcs_uri(source))
+    else:
+        root = Path(source)
+    return [str(root / split) for split in SPLITS if (root / split).is_dir()]
+
+
 def prepare_source(
     source: str, manifest: Path | str, download_dir: Path | str, workers: int, demo: dict
 ) -> list[Shard]:
     """Resolve `source` (gs:// URI, local folder or `demo`) to shards and write the manifest."""
     if source.startswith("gs://"):
-        name, prefix = parse_gcs_uri(source)
-        shards = download_gcs(source, Path(download_dir) / name / prefix, workers)
+        shards = download_gcs(source, Path(download_dir, *parse_gcs_uri(source)), workers)
     elif source == "demo":
         from robovqa_ft.demo_bucket import generate_demo_bucket
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from robovqa_ft.qa import BINARY_ANSWER
 from robovqa_ft.records import import_tensorflow
 
 COLOURS = {
@@ -28,7 +29,6 @@ COLOURS = {
 # Colons, "a:" and non-ASCII on purpose: parsers have tripped on each.
 OBJECTS = ["block", "cup", "café mug", "sponge", "crème jar"]
 PLACES = ["on the table", "in the bowl", "in the drawer", "on shelf a: top", "in the bin"]
-BINARY = "<PRED:ANSWER><PRED:DISCRETE><PRED:BINARY>{}</PRED:BINARY></PRED:DISCRETE></PRED:ANSWER>"
 BAD_KINDS = ("wrong_frame_count", "undecodable_frame", "no_valid_qa")
 
 
@@ -39,7 +39,7 @@ def qa_block(tag: str, context: str, question: str, answer: str) -> str:
 
 
 def binary_answer(yes: bool) -> str:
-    return BINARY.format("yes" if yes else "no")
+    return BINARY_ANSWER.format("yes" if yes else "no")
 
 
 @dataclass
@@ -57,7 +57,7 @@ def random_clip(rng: random.Random) -> DemoClip:
 
 
 def clip_text(clip: DemoClip, rng: random.Random) -> str:
-    """Two to seven QA blocks over all ten tags (the same tag may come twice)."""
+    """Two to seven QA blocks over all ten tags; no answer is implied by another's."""
     goal = f"please {clip.instruction} and close the drawer"
     history = f"current goal is: {goal}. last 20 steps: 1- open the drawer 2- look at the table"
     success_tag = f"success:discrete:{clip.success}"
@@ -67,7 +67,7 @@ def clip_text(clip: DemoClip, rng: random.Random) -> str:
         qa_block(tag, context, question, answer)
         for tag, context, question, answer in [
             ("planning:freeform", f"current goal is: {goal}", "immediate next step?",
-             "done" if clip.success else instruction),
+             instruction),
             ("immediate_planning_with_context20:freeform", history, "immediate next step?",
              instruction),
             ("remaining5_planning_with_context20:freeform", history, "next 5 steps?",
@@ -81,8 +81,10 @@ def clip_text(clip: DemoClip, rng: random.Random) -> str:
              f"pick up the {clip.colour} object"),
         ]
     ]  # fmt: skip
-    # The yes/no questions come in every clip so that the demo has plenty to learn from.
-    chosen = [blocks[3], blocks[4], *rng.sample(blocks, rng.randint(0, 5))]
+    # Each yes/no question once in every clip: plenty to learn from, and no earlier turn
+    # of a conversation gives a later answer away. Free-form tags may repeat.
+    yes_no, freeform = blocks[3:5], blocks[:3] + blocks[5:]
+    chosen = [*yes_no, *rng.choices(freeform, k=rng.randint(0, 5))]
     rng.shuffle(chosen)
     return "".join(chosen)
 

@@ -29,11 +29,6 @@ def atomic_open(path: Path | str, mode: str = "w") -> Iterator[IO[Any]]:
         raise
 
 
-def write_bytes_atomic(path: Path | str, data: bytes) -> None:
-    with atomic_open(path, "wb") as handle:
-        handle.write(data)
-
-
 def write_json_atomic(path: Path | str, obj: Any) -> None:
     with atomic_open(path) as handle:
         json.dump(obj, handle, indent=2, sort_keys=True, ensure_ascii=False)

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_ID_LENGTH = 100
+# Names the shard that published a clip folder, so a duplicate id never mixes two clips.
+OWNER_FILE = ".shard"
 
 
 def frame_name(index: int) -> str:
@@ -77,6 +79,7 @@ class ShardSummary:
     records: int = 0
     clips: int = 0
     skipped: Counter = field(default_factory=Counter)
+    extra_texts: int = 0  # records whose texts beyond the first were not read
 
 
 def extract_shard(
@@ -94,17 +97,14 @@ def extract_shard(
     staging = Path(staging_dir) / shard
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
     staging.mkdir(parents=True)
+    draft_index = staging / "index.jsonl"
     try:
         summary = _extract_to_staging(
-            shard_path,
-            shard,
-            images_dir,
-            staging,
-            index_path,
-            tuple(frame_size),
-            frames_per_clip,
+            shard_path, shard, staging, draft_index, tuple(frame_size), frames_per_clip,
             jpeg_quality,
-        )
+        )  # fmt: skip
+        taken = _publish(staging, images_dir, shard)
+        _write_index(draft_index, index_path, taken, summary)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     counts = (summary.records, summary.clips, dict(summary.skipped))
@@ -115,17 +115,17 @@ def extract_shard(
 def _extract_to_staging(
     shard_path: Path,
     shard: str,
-    images_dir: Path,
     staging: Path,
-    index_path: Path | str,
+    draft_index: Path,
     size: tuple[int, int],
     frames_per_clip: int,
     jpeg_quality: int,
 ) -> ShardSummary:
+    """Each usable record's frames to `staging/<video_id>/`; a line per record to the draft."""
     summary = ShardSummary()
     seen: set[str] = set()
     with (
-        atomic_open(index_path) as index,
+        draft_index.open("w", encoding="utf-8") as index,
         tqdm(
             total=shard_path.stat().st_size, unit="B", unit_scale=True, desc=shard, mininterval=5
         ) as progress,
@@ -146,8 +146,14 @@ def _extract_to_staging(
                     "%s record %d (byte %d): skipped, %s: %s",
                     *(shard, number, offset, entry["reason"], entry["detail"]),
                 )
+            if entry.get("extra_texts"):
+                summary.extra_texts += 1
             index.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        _publish(staging, images_dir)
+    if summary.extra_texts:
+        log.warning(
+            "%s: %d records hold more than one text; only the first was read (as the official "
+            "loader does)", shard, summary.extra_texts,
+        )  # fmt: skip
     return summary
 
 
@@ -201,14 +207,59 @@ def _extract_record(
             for qa in parsed.qas
         ],
         "qa_skipped": dict(parsed.skipped),
+        "extra_texts": raw.extra_texts,
     }
 
 
-def _publish(staging: Path, images_dir: Path) -> None:
-    """Move each finished clip folder into place; a folder rename is atomic."""
+def _publish(staging: Path, images_dir: Path, shard: str) -> dict[str, str]:
+    """Move each finished clip folder into `images_dir`; a folder rename is atomic.
+
+    A clip id that another shard has already published keeps that shard's frames
+    (first come, first kept, so frames and answers always match); returns those ids
+    with the shard that owns them.
+    """
     images_dir.mkdir(parents=True, exist_ok=True)
-    for clip_dir in staging.iterdir():
+    taken = {}
+    for clip_dir in (d for d in staging.iterdir() if d.is_dir()):
+        (clip_dir / OWNER_FILE).write_text(shard, encoding="utf-8")
         target = images_dir / clip_dir.name
-        if target.exists():
-            shutil.rmtree(target)
-        clip_dir.replace(target)
+        for _ in range(3):
+            try:
+                clip_dir.rename(target)  # fails while the target exists and is not empty
+                break
+            except OSError:
+                owner = _owner(target)
+                if owner not in (None, shard):
+                    taken[clip_dir.name] = owner
+                    break
+                shutil.rmtree(target, ignore_errors=True)  # this shard's earlier run
+        else:
+            raise OSError(f"cannot replace {target}: remove it by hand and re-run")
+    return taken
+
+
+def _owner(clip_dir: Path) -> str | None:
+    try:
+        return (clip_dir / OWNER_FILE).read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def _write_index(
+    draft: Path, index_path: Path | str, taken: dict[str, str], summary: ShardSummary
+) -> None:
+    """The shard's final index: the draft, with clips whose id another shard owns marked skipped."""
+    with draft.open(encoding="utf-8") as lines, atomic_open(index_path) as index:
+        for line in lines:
+            entry = json.loads(line)
+            owner = taken.get(entry["video_id"])
+            if entry["status"] == "ok" and owner is not None:
+                detail = f"frames of this id were published by shard {owner}"
+                log.warning("%s record %d: skipped, duplicate_video_id: %s", entry["video_id"],
+                            entry["index"], detail)  # fmt: skip
+                entry = {**_skip(entry["video_id"], "duplicate_video_id", detail),
+                         "index": entry["index"], "offset": entry["offset"]}  # fmt: skip
+                summary.clips -= 1
+                summary.skipped["duplicate_video_id"] += 1
+                line = json.dumps(entry, ensure_ascii=False) + "\n"
+            index.write(line)

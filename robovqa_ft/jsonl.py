@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 
+from robovqa_ft.bucket import SPLITS
 from robovqa_ft.files import atomic_open, write_json_atomic
 from robovqa_ft.frames import clip_frame_paths
 from robovqa_ft.qa import FAMILIES, answer_type
@@ -21,17 +22,19 @@ from robovqa_ft.qa import FAMILIES, answer_type
 log = logging.getLogger(__name__)
 
 STAGES = ("stage1", "stage2")
-SPLIT_METHODS = ("hash", "official")
 
 
-def _rank_key(seed: int, purpose: str, video_id: str) -> bytes:
-    return hashlib.sha256(f"{seed}:{purpose}:{video_id}".encode()).digest()
+def jsonl_paths(root: str = "results/data") -> dict[str, str]:
+    """The four curriculum files, keyed `stage1_train` ... `stage2_val` as the rule names them."""
+    return {
+        f"{stage}_{split}": f"{root}/{stage}/{split}.jsonl" for stage in STAGES for split in SPLITS
+    }
 
 
-def _lowest(video_ids: Iterable[str], ratio: float, seed: int, purpose: str) -> set[str]:
-    """The round(ratio * n) ids ranked first by a seeded hash: deterministic, nested in ratio."""
-    ranked = sorted(video_ids, key=lambda v: _rank_key(seed, purpose, v))
-    return set(ranked[: round(ratio * len(ranked))])
+def unit_hash(seed: int, purpose: str, video_id: str) -> float:
+    """A number in [0, 1) fixed by the seed, the purpose and the video id alone."""
+    digest = hashlib.sha256(f"{seed}:{purpose}:{video_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def assign_splits(
@@ -39,29 +42,28 @@ def assign_splits(
 ) -> dict[str, str]:
     """video_id -> "train" or "val".
 
-    `hash` pools both bucket splits and puts exactly round(val_ratio * n) clips in
-    val (the seed's 22,191 of 221,912); `official` keeps the bucket's own split.
+    `hash` pools both bucket splits; a clip is in val when its seeded hash falls below
+    `val_ratio`, so its split never depends on which other clips are present (a partial
+    copy or a re-parse cannot move a val clip into train). `official` keeps the bucket's.
     """
     if method == "official":
         return dict(bucket_splits)
     if method != "hash":
-        raise ValueError(f"split method {method!r} is not one of {SPLIT_METHODS}")
-    val = _lowest(bucket_splits, val_ratio, seed, "val")
-    return {vid: "val" if vid in val else "train" for vid in bucket_splits}
+        raise ValueError(f"split method {method!r} is not 'hash' or 'official'")
+    return {
+        vid: "val" if unit_hash(seed, "val", vid) < val_ratio else "train" for vid in bucket_splits
+    }
 
 
 def select_subset(splits: dict[str, str], subset_ratio: float, seed: int) -> dict[str, str]:
-    """The clips kept by `subset_ratio`, taken per split so the val share is kept.
+    """The clips whose subset hash falls below `subset_ratio`, with their split.
 
-    A smaller ratio keeps a subset of what a larger one keeps.
+    Independent of the split hash, so each split keeps about the same share; a smaller
+    ratio keeps a subset of what a larger one keeps.
     """
-    if subset_ratio >= 1:
-        return dict(splits)
-    kept: set[str] = set()
-    for split in ("train", "val"):
-        members = [vid for vid, s in splits.items() if s == split]
-        kept |= _lowest(members, subset_ratio, seed, "subset")
-    return {vid: split for vid, split in splits.items() if vid in kept}
+    return {
+        vid: split for vid, split in splits.items() if unit_hash(seed, "subset", vid) < subset_ratio
+    }
 
 
 def read_shard_indexes(index_paths: Iterable[Path | str]) -> tuple[list[dict], Counter]:
@@ -130,7 +132,7 @@ def build_jsonl(
     frame_size: list[int],
     source: str,
 ) -> dict:
-    """Write `outputs["stage1/train"]` ... `outputs["stage2/val"]` and the metadata; returns it."""
+    """Write the four files of `outputs` (keyed as `jsonl_paths`) and the metadata; returns it."""
     index_paths = sorted(map(Path, index_paths))
     clips, skipped = read_shard_indexes(index_paths)
     if not clips:
@@ -139,8 +141,8 @@ def build_jsonl(
         {c["video_id"]: c["bucket_split"] for c in clips}, split, val_ratio, split_seed
     )
     kept = select_subset(splits, subset_ratio, split_seed)
-    stats = {s: _empty_split_stats() for s in ("train", "val")}
-    with ExitStack() as stack:  # all four files appear together, or none does
+    stats = {s: _empty_split_stats() for s in SPLITS}
+    with ExitStack() as stack:  # an error leaves none of the four files
         files = {key: stack.enter_context(atomic_open(path)) for key, path in outputs.items()}
         for clip in clips:
             target = kept.get(clip["video_id"])
@@ -148,8 +150,8 @@ def build_jsonl(
                 continue
             images = clip_frame_paths(clip["video_id"], frames_per_clip)
             for line in stage1_lines(clip, images):
-                files[f"stage1/{target}"].write(json.dumps(line, ensure_ascii=False) + "\n")
-            files[f"stage2/{target}"].write(
+                files[f"stage1_{target}"].write(json.dumps(line, ensure_ascii=False) + "\n")
+            files[f"stage2_{target}"].write(
                 json.dumps(stage2_line(clip, images), ensure_ascii=False) + "\n"
             )
             _count(stats[target], clip)
@@ -167,6 +169,8 @@ def build_jsonl(
             "usable": len(clips),
             "skipped": dict(sorted(skipped.items())),
             "total": len(clips) + sum(skipped.values()),
+            # texts beyond the first are not read, as in the official loader
+            "with_extra_texts": sum(1 for c in clips if c.get("extra_texts")),
         },
         "qa_blocks_skipped": dict(sorted(qa_skipped.items())),
         "frames": {

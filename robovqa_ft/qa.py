@@ -37,9 +37,12 @@ _BLOCK = re.compile(r"<task:([^>\n]*)>\n?(.*)</PRED>\s*", re.DOTALL)
 # Case-sensitive on purpose: instructions contain "a:" and "q:" in lower case.
 _ANSWER_START = "<PRED>A:"
 _QUESTION_START = "Q:"
+# How the data wraps a yes/no answer; `{}` is the answer.
+BINARY_ANSWER = (
+    "<PRED:ANSWER><PRED:DISCRETE><PRED:BINARY>{}</PRED:BINARY></PRED:DISCRETE></PRED:ANSWER>"
+)
 _BINARY = re.compile(
-    r"<PRED:ANSWER><PRED:DISCRETE><PRED:BINARY>\s*(yes|no)\s*</PRED:BINARY>"
-    r"</PRED:DISCRETE></PRED:ANSWER>"
+    r"\s*(yes|no)\s*".join(map(re.escape, BINARY_ANSWER.split("{}"))), re.IGNORECASE
 )
 _ANY_TAG = re.compile(r"</?(?:PRED|task)[^>]*>")
 _WHITESPACE = re.compile(r"\s+")
@@ -90,7 +93,7 @@ def _parse_block(tag: str, body: str) -> QA | str:
         return "malformed_qa_block"
     context, question = _collapse(head), _collapse(question)
     binary = _BINARY.fullmatch(answer.strip())
-    answer = binary.group(1) if binary else _collapse(answer)
+    answer = binary.group(1).lower() if binary else _collapse(answer)
     if not question or not answer or _ANY_TAG.search(context + question + answer):
         return "malformed_qa_block"
     if answer_type(tag) == "yes_no":

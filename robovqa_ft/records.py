@@ -72,6 +72,7 @@ class RawClip:
     unique_id: str | None
     frames: list[bytes]
     text: str | None
+    extra_texts: int = 0  # text values beyond the first, which are not read
 
 
 def import_tensorflow():
@@ -95,11 +96,10 @@ def decode_sequence_example(payload: bytes) -> RawClip:
         f.bytes_list.value[0] if f.bytes_list.value else b"" for f in features["images"].feature
     ]
     texts = features["texts"].feature if "texts" in features else []
-    text = None
-    if texts and texts[0].bytes_list.value:
-        text = texts[0].bytes_list.value[0].decode("utf-8", "replace")
+    values = [value for feature in texts for value in feature.bytes_list.value]
+    text = values[0].decode("utf-8", "replace") if values else None
     context = example.context.feature
     unique_id = None
     if "unique_id" in context and context["unique_id"].bytes_list.value:
         unique_id = context["unique_id"].bytes_list.value[0].decode("utf-8", "replace")
-    return RawClip(unique_id=unique_id, frames=frames, text=text)
+    return RawClip(unique_id, frames, text, extra_texts=max(0, len(values) - 1))

@@ -1,10 +1,8 @@
-from robovqa_ft.bucket import read_manifest
+from robovqa_ft.bucket import read_manifest, source_folders
+from robovqa_ft.jsonl import jsonl_paths
 
-JSONL_OUTPUTS = {
-    f"{stage}_{split}": f"results/data/{stage}/{split}.jsonl"
-    for stage in ("stage1", "stage2")
-    for split in ("train", "val")
-}
+JSONL_OUTPUTS = jsonl_paths("results/data")
+FRAME_SIZE = (config["frame_size"], config["frame_size"])
 
 
 wildcard_constraints:

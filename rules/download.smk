@@ -2,6 +2,8 @@
 # Shards are stored under results/bucket/, which is not an output: Snakemake
 # would delete it before a re-run, and a complete shard must never be fetched twice.
 checkpoint download:
+    input:
+        source_folders(config["source"], "results/bucket"),
     output:
         manifest="results/data/shards.tsv",
     log:

@@ -3,7 +3,7 @@
 # declared output is the shard's per-record index, written last.
 rule extract_frames:
     input:
-        manifest="results/data/shards.tsv",
+        # Only its own shard: a new shard in the manifest must not redo the others.
         shard=shard_file,
     output:
         index="results/data/clips/{split}/{shard}.jsonl",
@@ -16,7 +16,7 @@ rule extract_frames:
     params:
         images_dir="results/data/images",
         staging_dir="results/data/.staging",
-        frame_size=(config["frame_size"], config["frame_size"]),
+        frame_size=FRAME_SIZE,
         frames_per_clip=config["frames_per_clip"],
         jpeg_quality=config["jpeg_quality"],
     script:

@@ -17,7 +17,7 @@ rule build_jsonl:
         split_seed=config["split_seed"],
         subset_ratio=config["subset_ratio"],
         frames_per_clip=config["frames_per_clip"],
-        frame_size=(config["frame_size"], config["frame_size"]),
+        frame_size=FRAME_SIZE,
         source=config["source"],
     script:
         "../workflow_scripts/build_jsonl.py"

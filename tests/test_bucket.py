@@ -71,6 +71,40 @@ def test_download_fetches_every_shard_once_and_resumes(tmp_path, fake_bucket):
     assert not list(dest.rglob("*.part"))
 
 
+def test_a_dropped_download_is_tried_again_then_reported(tmp_path, fake_bucket, monkeypatch):
+    monkeypatch.setattr("robovqa_ft.bucket.RETRY_WAIT_SECONDS", 0)
+    flaky = fake_bucket.blobs[0]
+    real_download = flaky.download_to_filename
+    failures = iter([True])
+
+    def once_broken(filename, **kwargs):
+        if next(failures, False):
+            Path(filename).write_bytes(b"half")
+            raise ConnectionResetError("connection reset")
+        real_download(filename, **kwargs)
+
+    flaky.download_to_filename = once_broken
+    download_gcs(DEFAULT_SOURCE, tmp_path / "dest", workers=1, bucket=fake_bucket)
+    assert (
+        flaky.downloads == 1 and (tmp_path / "dest" / "train" / flaky.name.split("/")[-1]).is_file()
+    )
+
+    def always_broken(filename, **kwargs):
+        raise ConnectionResetError("connection reset")
+
+    fake_bucket.blobs[3].download_to_filename = always_broken
+    (tmp_path / "dest" / "val" / "val-00000-of-00001").unlink()
+    with pytest.raises(BucketError, match="val-00000-of-00001: 3 attempts failed"):
+        download_gcs(DEFAULT_SOURCE, tmp_path / "dest", workers=1, bucket=fake_bucket)
+
+
+def test_bucket_without_prefix_lists_train_and_val_at_its_root(tmp_path, fake_bucket):
+    for blob in fake_bucket.blobs:
+        blob.name = blob.name.removeprefix("tfrecord/")
+    shards = download_gcs("gs://mirror", tmp_path, bucket=fake_bucket)
+    assert len(shards) == 4
+
+
 def test_unreachable_bucket_says_what_failed_and_how_to_use_a_local_copy(tmp_path):
     class Offline:
         def list_blobs(self, **kwargs):
@@ -96,7 +130,8 @@ def test_review_bucket_is_an_alias_of_the_public_one():
 
 
 def test_local_source_is_used_in_place(tmp_path):
-    for name in ("train/train-0", "train/train-1", "val/val-0", "train/README"):
+    names = ("train/train-0", "train/train-1", "val/val-0", "train/README", "val/val-1_.gstmp")
+    for name in names:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"1234")
     manifest = tmp_path / "out" / "shards.tsv"

@@ -43,7 +43,7 @@ def test_good_records_become_16_resized_frames_and_index_lines(make_shard, tmp_p
     assert entries[0]["source_size"] == "x".join(map(str, SMALL_FRAME))
     assert entries[0]["qas"] and all(q["answer"] for q in entries[0]["qas"])
     for vid in ("clip-a", "clip-b"):
-        frames = sorted((tmp_path / "images" / vid).iterdir())
+        frames = sorted((tmp_path / "images" / vid).glob("*.jpg"))
         assert [f.name for f in frames] == [f"{i:02d}.jpg" for i in range(16)]
         assert all(Image.open(f).size == (40, 30) for f in frames)
     assert not (tmp_path / "staging" / shard.name).exists()
@@ -102,16 +102,40 @@ def test_corrupt_shard_publishes_nothing(make_shard, tmp_path):
     assert not (tmp_path / "staging" / shard.name).exists()
 
 
-def test_draft_decodes_large_frames_at_reduced_size():
-    big = Image.new("RGB", (1280, 960), (200, 10, 10))
-    data = io.BytesIO()
-    big.save(data, "JPEG")
-    with Image.open(io.BytesIO(data.getvalue())) as image:
-        image.draft("RGB", (288, 288))
-        assert image.size == (320, 240) or image.size[0] < 1280  # what resize_jpeg relies on
-    jpeg, original = resize_jpeg(data.getvalue(), (288, 288), 90)
+def test_large_frames_are_decoded_at_reduced_size(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    scales = []
+    original_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = original_draft(self, mode, size)
+        scales.append(self.size)  # the size the decoder will produce
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    big = io.BytesIO()
+    Image.new("RGB", (1280, 960), (200, 10, 10)).save(big, "JPEG")
+    jpeg, original = resize_jpeg(big.getvalue(), (288, 288), 90)
     assert original == (1280, 960)
+    assert scales == [(640, 480)]  # decoded at half size, still above 288x288
     assert Image.open(io.BytesIO(jpeg)).size == (288, 288)
+
+
+def test_clip_id_in_two_shards_keeps_the_first_publishers_frames_and_answers(make_shard, tmp_path):
+    first = make_shard([good_record("same", 1, size=(64, 64))], name="train-a")
+    second = make_shard([good_record("same", 2, size=(64, 64)), good_record("other", 3)],
+                        name="train-b")  # fmt: skip
+    _, first_index = run_extract(first, tmp_path)
+    frame = (tmp_path / "images" / "same" / "15.jpg").read_bytes()
+    summary, second_index = run_extract(second, tmp_path)
+    assert summary.skipped == {"duplicate_video_id": 1} and summary.clips == 1
+    assert read_index(second_index)[0]["reason"] == "duplicate_video_id"
+    assert read_index(first_index)[0]["status"] == "ok"
+    assert (tmp_path / "images" / "same" / "15.jpg").read_bytes() == frame
+    # Re-running the first shard replaces its own folder.
+    run_extract(first, tmp_path)
+    assert (tmp_path / "images" / "same" / "15.jpg").read_bytes() == frame
 
 
 KILL_SCRIPT = """
@@ -140,7 +164,7 @@ def test_kill_mid_shard_leaves_no_partial_frame_and_rerun_completes(make_shard, 
     clips = sorted(images.iterdir())
     assert len(clips) == 60 and len(read_index(index)) == 60
     for clip in clips:
-        frames = sorted(clip.iterdir())
+        frames = sorted(clip.glob("*.jpg"))
         assert len(frames) == 16
         for frame in frames:
             with Image.open(frame) as image:

@@ -231,6 +231,16 @@ def test_yes_no_answer_is_unwrapped_to_the_bare_word(block, expected):
     assert "PRED" not in qa.answer
 
 
+def test_capitalised_or_padded_yes_no_is_read_as_lowercase():
+    text = (
+        "<task:success:discrete:True>\nput cup Q: satisfied? <PRED>A: <PRED:ANSWER><PRED:DISCRETE>"
+        "<PRED:BINARY> Yes </PRED:BINARY></PRED:DISCRETE></PRED:ANSWER>\n</PRED>"
+    )
+
+    (qa,) = parse_qa_text(text).qas
+    assert qa.answer == "yes"
+
+
 def test_answers_never_keep_their_a_prefix():
     for qa in parse_qa_text(ALL_TEN_TAGS_RECORD).qas:
         assert not qa.answer.startswith(("A:", "A :")), qa

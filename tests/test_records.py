@@ -27,6 +27,15 @@ def test_decode_reads_frames_text_and_unique_id(make_shard):
     assert raw.text.startswith("<task:") and "</PRED>" in raw.text
 
 
+def test_texts_beyond_the_first_are_counted_not_read():
+    tf = import_tensorflow()
+    example = tf.train.SequenceExample.FromString(good_record("clip", seed=1))
+    first = example.feature_lists.feature_list["texts"].feature[0].bytes_list.value[0]
+    example.feature_lists.feature_list["texts"].feature.add().bytes_list.value.append(b"more")
+    raw = decode_sequence_example(example.SerializeToString())
+    assert raw.text == first.decode() and raw.extra_texts == 1
+
+
 def test_truncated_shard_names_shard_and_offset(make_shard):
     records = [good_record(f"clip-{i}", seed=i) for i in range(3)]
     path = make_shard(records)

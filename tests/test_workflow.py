@@ -1,8 +1,11 @@
 """The Snakemake DAG itself: dry runs offline, lint, config validation, and a real run."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +72,7 @@ def test_dag_runs_on_a_local_bucket_given_with_config_source(tmp_path):
         "usable": 24,
         "total": 27,
         "skipped": {"no_valid_qa": 1, "undecodable_frame": 1, "wrong_frame_count": 1},
+        "with_extra_texts": 0,
     }
     assert metadata["shards"] == 4 and metadata["frames"]["size"] == [32, 32]
     ids = {}
@@ -82,6 +86,8 @@ def test_dag_runs_on_a_local_bucket_given_with_config_source(tmp_path):
             ids[stage, split] = {line["video_id"] for line in lines}
             for line in lines:
                 assert all((data / "images" / image).is_file() for image in line["images"])
+                for turn in line["conversations"]:
+                    assert not re.search(r"<task|<PRED|True|False", turn["value"]), turn
     assert ids["stage1", "train"] == ids["stage2", "train"]
     assert ids["stage1", "val"] == ids["stage2", "val"]
     assert len(ids["stage2", "val"]) == round(0.1 * 24)
@@ -92,3 +98,16 @@ def test_dag_runs_on_a_local_bucket_given_with_config_source(tmp_path):
     assert "Nothing to be done" in again.stdout + again.stderr
     graph = snakemake("--rulegraph", "--config", f"source={bucket}", workdir=work).stdout
     assert 'label = "extract_frames"' in graph
+
+    # A shard added to the source is listed, and only it is extracted. This one repeats
+    # another shard's clips: their ids are taken, so they are skipped as duplicates.
+    time.sleep(1)  # a later time stamp on the folder
+    copied = bucket / "val" / "val-00000-of-00002.tfrecord"
+    shutil.copyfile(copied, bucket / "val" / "val-copy")
+    rerun = snakemake("--cores", "2", "--config", f"source={bucket}", "frame_size=32",
+                      workdir=work)  # fmt: skip
+    log = rerun.stdout + rerun.stderr
+    assert "download" in log and log.count("rule extract_frames:") == 1, log
+    after = json.loads((data / "metadata.json").read_text())
+    assert after["records"]["usable"] == 24
+    assert after["records"]["skipped"]["duplicate_video_id"] > 0

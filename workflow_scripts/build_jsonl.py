@@ -1,16 +1,12 @@
 """Snakemake adapter: split by video and write both stages' JSONL and the metadata."""
 
-from robovqa_ft.jsonl import STAGES, build_jsonl
+from robovqa_ft.jsonl import build_jsonl, jsonl_paths
 from robovqa_ft.logs import log_to
 
 with log_to(snakemake.log[0]):
     build_jsonl(
         index_paths=snakemake.input,
-        outputs={
-            f"{stage}/{split}": snakemake.output[f"{stage}_{split}"]
-            for stage in STAGES
-            for split in ("train", "val")
-        },
+        outputs={key: snakemake.output[key] for key in jsonl_paths()},
         metadata_path=snakemake.output.metadata,
         split=snakemake.params.split,
         val_ratio=snakemake.params.val_ratio,

@@ -17,8 +17,10 @@ demo: $(STAMP)
 	@$(BIN)/python -m robovqa_ft.jsonl demo/results/data/metadata.json
 	@echo "Demo results: demo/results/data/ (JSONL: stage1/, stage2/; frames: images/; metadata.json)"
 
+# TensorFlow and torch must not share a process: one pytest run each.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest tests/data
+	$(BIN)/python -m pytest tests/training
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

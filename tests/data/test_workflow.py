@@ -12,7 +12,7 @@ import pytest
 
 from robovqa_ft.demo_bucket import generate_demo_bucket
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
 

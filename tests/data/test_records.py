@@ -1,5 +1,5 @@
 import pytest
-from conftest import good_record
+from fake_records import good_record
 
 from robovqa_ft.records import (
     CorruptShardError,

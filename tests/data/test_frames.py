@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import SMALL_FRAME, good_record
+from fake_records import SMALL_FRAME, good_record
 from PIL import Image
 
 from robovqa_ft.demo_bucket import BAD_KINDS, bad_record, sequence_example

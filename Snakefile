@@ -1,5 +1,6 @@
 # Fine-tune a vision-language model on RoboVQA with a two-stage curriculum.
-# The DAG: download -> extract_frames (one job per shard) -> build_jsonl.
+# The DAG: download -> extract_frames (one job per shard) -> build_jsonl
+#   -> train (stage1 -> stage2, and the stage2_only ablation).
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -16,10 +17,10 @@ include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/frames.smk"
 include: "rules/jsonl.smk"
+include: "rules/train.smk"
 
 
 rule all:
     default_target: True
     input:
-        JSONL_OUTPUTS.values(),
-        "results/data/metadata.json",
+        expand("results/{run}/adapter", run=RUNS),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,3 +34,19 @@ def write_json_atomic(path: Path | str, obj: Any) -> None:
     with atomic_open(path) as handle:
         json.dump(obj, handle, indent=2, sort_keys=True, ensure_ascii=False)
         handle.write("\n")
+
+
+@contextmanager
+def atomic_directory(path: Path | str) -> Iterator[Path]:
+    """A temporary folder beside `path` that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

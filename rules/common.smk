@@ -31,3 +31,36 @@ def shard_indexes(wildcards):
 def demo_settings():
     """Only a demo source depends on the demo settings."""
     return config["demo"] if config["source"] == "demo" else {}
+
+
+TINY_MODEL = "results/models/tiny"
+RUNS = ("stage1", "stage2", "stage2_only")
+
+
+wildcard_constraints:
+    run="|".join(RUNS),
+
+
+def model_settings():
+    """The model section, with "tiny" resolved to the folder the demo builds."""
+    name = config["model"]["name"]
+    return {**config["model"], "name": TINY_MODEL if name == "tiny" else name}
+
+
+def run_stage(run):
+    """Which data and hyperparameters a run uses: stage1, or stage2 for both others."""
+    return "stage1" if run == "stage1" else "stage2"
+
+
+def training_inputs(wildcards):
+    stage = run_stage(wildcards.run)
+    inputs = {
+        "train": JSONL_OUTPUTS[f"{stage}_train"],
+        "val": JSONL_OUTPUTS[f"{stage}_val"],
+        "images": "results/data/metadata.json",  # the frames exist once this does
+    }
+    if config["model"]["name"] == "tiny":
+        inputs["model"] = TINY_MODEL
+    if wildcards.run == "stage2":
+        inputs["init_adapter"] = "results/stage1/adapter"
+    return inputs

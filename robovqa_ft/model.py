@@ -1,0 +1,127 @@
+"""Load the vision-language model and its processor, and put LoRA on its language model only.
+
+Everything that differs between model families (InternVL, Qwen2.5-VL, Qwen3-VL) lives in
+`FAMILIES`: how frames become prompt content, and which modules stay unquantized.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+log = logging.getLogger(__name__)
+
+# Full module paths: a bare list of names would also hit the vision tower's projections.
+LORA_TARGET_MODULES = (
+    r".*language_model\.layers\.\d+\.(self_attn|mlp)\."
+    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+)
+
+
+def _internvl_frames(count: int) -> list[dict]:
+    # InternVL's own video prompt: "Frame1: <image>\nFrame2: <image>\n..."
+    content = []
+    for i in range(count):
+        content += [{"type": "text", "text": f"Frame{i + 1}: "}, {"type": "image"}]
+    return content
+
+
+def _qwen_frames(count: int) -> list[dict]:
+    return [{"type": "image"} for _ in range(count)]
+
+
+@dataclass(frozen=True)
+class Family:
+    frame_content: Callable[[int], list[dict]]  # chat content items for n frames, in order
+    keep_unquantized: tuple[str, ...]  # full module paths that 4-bit loading must skip
+    processor_kwargs: dict = field(default_factory=dict)  # passed with every frame batch
+
+
+FAMILIES: dict[str, Family] = {
+    # One tile per frame, as InternVL's video path does (no dynamic tiling, no thumbnail).
+    "internvl": Family(
+        _internvl_frames,
+        ("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+        {"crop_to_patches": False},
+    ),
+    "qwen2_5_vl": Family(_qwen_frames, ("model.visual", "lm_head")),
+    "qwen3_vl": Family(_qwen_frames, ("model.visual", "lm_head")),
+}
+
+
+def model_family(name_or_path: str | Path) -> Family:
+    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"{name_or_path}: model type {model_type!r} is not one of {sorted(FAMILIES)}"
+        )
+    return FAMILIES[model_type]
+
+
+def load_processor(name_or_path: str | Path) -> Any:
+    return AutoProcessor.from_pretrained(name_or_path)
+
+
+def load_model(
+    name_or_path: str | Path,
+    quantization: str,
+    dtype: str,
+    attn_implementation: str,
+    gradient_checkpointing: bool,
+    max_memory_gb: float | None = None,
+) -> Any:
+    """The base model, frozen, on the GPU if there is one, ready for LoRA.
+
+    `quantization`: "nf4" (QLoRA: 4-bit NF4 with double quantization and bf16 compute;
+    vision tower, projector and head kept as they are) or "none".
+    """
+    family = model_family(name_or_path)
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, dtype),
+        "attn_implementation": attn_implementation,
+    }
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=list(family.keep_unquantized),
+        )
+    elif quantization != "none":
+        raise ValueError(f"quantization {quantization!r} is not 'nf4' or 'none'")
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        if max_memory_gb:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gb * 2**30 / total))
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+    model.requires_grad_(False)
+    if quantization == "nf4":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def attach_lora(
+    model: Any, r: int, alpha: int, dropout: float, init_adapter: str | Path | None = None
+) -> PeftModel:
+    """LoRA on the language model's linear layers: fresh, or continued from `init_adapter`."""
+    if init_adapter is not None:
+        log.info("LoRA continued from %s (trainable)", init_adapter)
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET_MODULES
+    )
+    return get_peft_model(model, config)

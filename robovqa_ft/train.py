@@ -1,0 +1,304 @@
+"""Train one LoRA run (stage 1, stage 2, or the stage-2-only ablation) so that a crash costs
+minutes: checkpoints live outside Snakemake's outputs, each counts only once complete,
+and a restart resumes the newest with optimizer, scheduler, RNG and data position.
+
+Reads top to bottom: lock and check the checkpoint folder; build model, data and
+Trainer; resume or start; save the adapter atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from robovqa_ft.files import atomic_directory, atomic_open
+from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
+from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "checkpoint_complete"
+FINGERPRINT_FILE = "fingerprint.json"
+LOCK_FILE = "lock"
+
+
+class CheckpointLockedError(RuntimeError):
+    pass
+
+
+@contextmanager
+def exclusive_lock(checkpoint_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run's checkpoint folder, or fail at once saying who has it."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint_dir / LOCK_FILE, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise CheckpointLockedError(
+                f"{checkpoint_dir} is in use by another trainer ({handle.read().strip()}); "
+                "two trainers on one run would overwrite each other's checkpoints"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+        handle.flush()
+        yield
+
+
+def fingerprint(settings: dict, inputs: list[Path | str]) -> str:
+    """A hash of the resolved settings and the input files' contents."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in inputs:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+            with file.open("rb") as handle:
+                while block := handle.read(1 << 22):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_checkpoint_dir(checkpoint_dir: Path, current: str) -> None:
+    """Move checkpoints of another configuration or data aside, so they are never resumed."""
+    stored = checkpoint_dir / FINGERPRINT_FILE
+    old = json.loads(stored.read_text())["fingerprint"] if stored.exists() else None
+    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"))
+    if old != current and checkpoints:
+        aside = checkpoint_dir / f"stale-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for path in checkpoints:
+            path.rename(aside / path.name)
+        log.warning(
+            "configuration or data changed since these checkpoints were written: moved %d to %s",
+            len(checkpoints), aside,
+        )  # fmt: skip
+    with atomic_open(stored) as handle:
+        json.dump({"fingerprint": current}, handle)
+
+
+def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint whose save finished; a half-written one is never resumed."""
+    complete = [
+        path
+        for path in checkpoint_dir.glob("checkpoint-*")
+        if (path / COMPLETE_MARKER).exists() and path.name.split("-")[-1].isdigit()
+    ]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+class CrashSafety(TrainerCallback):
+    """Marks finished checkpoints, saves every `save_every_minutes`, and on SIGTERM."""
+
+    def __init__(self, checkpoint_dir: Path, save_every_minutes: float):
+        self.checkpoint_dir = checkpoint_dir
+        self.interval = save_every_minutes * 60
+        self.last_save = time.monotonic()
+        self.terminated = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self.terminated = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.terminated:
+            control.should_save = control.should_training_stop = True
+        elif time.monotonic() - self.last_save >= self.interval:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        # Trainer calls this right after the checkpoint folder is fully written.
+        folder = self.checkpoint_dir / f"checkpoint-{state.global_step}"
+        (folder / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        self.last_save = time.monotonic()
+        log.info("checkpoint saved: step=%d", state.global_step)
+
+
+class MetricsLog(TrainerCallback):
+    """`train_metrics.csv` and `eval_metrics.csv` in the run folder, kept across resumes."""
+
+    TRAIN = ["step", "epoch", "loss", "learning_rate", "grad_norm", "samples_per_s",
+             "tokens_per_s", "peak_memory_gb", "dropped_turns"]  # fmt: skip
+    EVAL = ["step", "epoch", "eval_loss", "eval_samples"]
+
+    def __init__(self, run_dir: Path, resumed_step: int, eval_samples: int):
+        self.train_csv, self.eval_csv = run_dir / "train_metrics.csv", run_dir / "eval_metrics.csv"
+        self.eval_samples = eval_samples
+        for path, fields in ((self.train_csv, self.TRAIN), (self.eval_csv, self.EVAL)):
+            _keep_rows_up_to(path, fields, resumed_step)
+        self.window_start, self.samples, self.tokens, self.dropped = time.monotonic(), 0, 0, 0
+
+    def count(self, samples: int, tokens: int, dropped: int) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        self.dropped += dropped
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
+        if "eval_loss" in logs:
+            _append(self.eval_csv, self.EVAL, {**row, "eval_loss": logs["eval_loss"],
+                                               "eval_samples": self.eval_samples})  # fmt: skip
+        elif "loss" in logs:
+            seconds = max(time.monotonic() - self.window_start, 1e-9)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
+            _append(self.train_csv, self.TRAIN, {
+                **row, "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"), "samples_per_s": self.samples / seconds,
+                "tokens_per_s": self.tokens / seconds, "peak_memory_gb": round(peak, 3),
+                "dropped_turns": self.dropped,
+            })  # fmt: skip
+            self.window_start, self.samples, self.tokens = time.monotonic(), 0, 0
+
+
+def _append(path: Path, fields: list[str], row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fields)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _keep_rows_up_to(path: Path, fields: list[str], step: int) -> None:
+    """Drop rows past the resumed step: they will be logged again."""
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as handle:
+        rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
+    with atomic_open(path) as handle:
+        writer = csv.DictWriter(handle, fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class CurriculumTrainer(Trainer):
+    """The Trainer, counting real tokens and dropped turns for the metrics."""
+
+    metrics: MetricsLog
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        dropped = int(inputs.pop("dropped_turns"))
+        if model.training:
+            tokens = int(inputs["attention_mask"].sum())
+            self.metrics.count(len(inputs["input_ids"]), tokens, dropped)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def train_run(
+    train_jsonl: Path | str,
+    val_jsonl: Path | str,
+    images_dir: Path | str,
+    adapter_dir: Path | str,
+    run_dir: Path | str,
+    checkpoint_dir: Path | str,
+    model: dict,
+    lora: dict,
+    stage: dict,
+    training: dict,
+    init_adapter: Path | str | None = None,
+) -> Path:
+    """Train LoRA on `train_jsonl` and write the adapter to `adapter_dir` when done.
+
+    `model`, `lora`, `stage` and `training` are the config sections of the same names.
+    """
+    run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"model": model, "lora": lora, "stage": stage, "training": training,
+                "init_adapter": str(init_adapter) if init_adapter else None}  # fmt: skip
+    with exclusive_lock(checkpoint_dir):
+        inputs = [train_jsonl, val_jsonl] + ([init_adapter] if init_adapter else [])
+        prepare_checkpoint_dir(checkpoint_dir, fingerprint(settings, inputs))
+        with atomic_open(run_dir / "config.yaml") as handle:
+            yaml.safe_dump(settings, handle, sort_keys=False)
+        resume = latest_complete_checkpoint(checkpoint_dir)
+
+        processor = load_processor(model["name"])
+        family = model_family(model["name"])
+        base = load_model(
+            model["name"], model["quantization"], model["dtype"], model["attn_implementation"],
+            model["gradient_checkpointing"], model.get("max_memory_gb"),
+        )  # fmt: skip
+        peft_model = attach_lora(base, lora["r"], lora["alpha"], lora["dropout"], init_adapter)
+        builder = SampleBuilder(processor, family, images_dir, stage["max_frames"],
+                                stage["max_seq_len"])  # fmt: skip
+        train_set = JsonlDataset(train_jsonl, builder)
+        val_set = JsonlDataset(val_jsonl, builder, limit=training["eval_samples"])
+        trainer = CurriculumTrainer(
+            model=peft_model,
+            args=training_arguments(checkpoint_dir, stage, training, model),
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            data_collator=partial(pad_batch, pad_token_id=processor.tokenizer.pad_token_id),
+        )
+        resumed_step = int(resume.name.split("-")[-1]) if resume else 0
+        trainer.metrics = MetricsLog(run_dir, resumed_step, len(val_set))
+        safety = CrashSafety(checkpoint_dir, training["save_every_minutes"])
+        trainer.add_callback(safety)
+        trainer.add_callback(trainer.metrics)
+        if resume:
+            log.info("Resumed from checkpoint: step=%d (%s)", resumed_step, resume)
+        else:
+            log.info("Starting from step 0: no complete checkpoint in %s", checkpoint_dir)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if safety.terminated:
+            raise SystemExit(f"stopped by SIGTERM; resume from {checkpoint_dir} by re-running")
+        with atomic_directory(adapter_dir) as tmp:
+            peft_model.save_pretrained(tmp)
+        log.info("adapter written to %s", adapter_dir)
+    return Path(adapter_dir)
+
+
+def training_arguments(
+    checkpoint_dir: Path, stage: dict, training: dict, model: dict
+) -> TrainingArguments:
+    """The stage's hyperparameters, one to one, plus the run's checkpoint and eval cadence."""
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=stage["batch_size"],
+        per_device_eval_batch_size=stage["batch_size"],
+        gradient_accumulation_steps=stage["grad_accum"],
+        learning_rate=stage["learning_rate"],
+        num_train_epochs=stage["epochs"],
+        max_steps=training["max_steps"],
+        warmup_steps=stage["warmup_ratio"],
+        lr_scheduler_type=stage["scheduler"],
+        max_grad_norm=stage["max_grad_norm"],
+        adam_beta1=stage["adam_beta1"],
+        adam_beta2=stage["adam_beta2"],
+        weight_decay=stage["weight_decay"],
+        bf16=cuda and model["dtype"] == "bfloat16",
+        optim="adamw_torch",
+        logging_steps=training["logging_steps"],
+        eval_strategy="steps",
+        eval_steps=training["eval_steps"],
+        save_strategy="steps",
+        save_steps=training["save_steps"],
+        save_total_limit=max(2, training["save_total_limit"]),
+        seed=training["seed"],
+        data_seed=training["seed"],
+        dataloader_num_workers=training["dataloader_workers"],
+        remove_unused_columns=False,
+        report_to=[],
+        disable_tqdm=False,
+        use_cpu=not cuda,
+    )

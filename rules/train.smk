@@ -1,0 +1,45 @@
+# The curriculum: stage1 from the base model, stage2 from the stage-1 adapter (a fresh
+# optimizer and schedule), and the ablation stage2_only from the base model.
+# Checkpoints live in results/checkpoints/<run>/, a param rather than an output:
+# Snakemake deletes a failed job's outputs, and a crash must cost minutes, not days.
+
+
+rule build_tiny_model:
+    input:
+        JSONL_OUTPUTS["stage1_train"],
+        JSONL_OUTPUTS["stage2_train"],
+    output:
+        directory(TINY_MODEL),
+    log:
+        "logs/build_tiny_model/build_tiny_model.log",
+    conda:
+        "../envs/train.yaml"
+    params:
+        image_size=config["tiny_model"]["image_size"],
+        vocab_size=config["tiny_model"]["vocab_size"],
+        seed=config["training"]["seed"],
+    script:
+        "../workflow_scripts/build_tiny_model.py"
+
+
+rule train:
+    input:
+        unpack(training_inputs),
+    output:
+        adapter=directory("results/{run}/adapter"),
+    log:
+        "logs/train/{run}.log",
+    benchmark:
+        "benchmarks/train/{run}.tsv"
+    retries: 2  # a crash resumes from the newest checkpoint by itself
+    conda:
+        "../envs/train.yaml"
+    params:
+        run_dir="results/{run}",
+        checkpoint_dir="results/checkpoints/{run}",
+        model=model_settings(),
+        lora=config["lora"],
+        stage=lambda wildcards: config[run_stage(wildcards.run)],
+        training=config["training"],
+    script:
+        "../workflow_scripts/train.py"

@@ -1,0 +1,13 @@
+"""Snakemake adapter: build the demo's tiny InternVL from the training text."""
+
+from robovqa_ft.logs import log_to
+from robovqa_ft.tiny_model import build_tiny_internvl
+
+with log_to(snakemake.log[0]):
+    build_tiny_internvl(
+        out_dir=snakemake.output[0],
+        jsonl_paths=snakemake.input,
+        image_size=snakemake.params.image_size,
+        vocab_size=snakemake.params.vocab_size,
+        seed=snakemake.params.seed,
+    )

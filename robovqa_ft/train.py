@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from robovqa_ft.files import atomic_directory, atomic_open
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
@@ -231,6 +231,7 @@ def train_run(
             yaml.safe_dump(settings, handle, sort_keys=False)
         resume = latest_complete_checkpoint(checkpoint_dir)
 
+        set_seed(training["seed"])  # before LoRA's random initialisation
         processor = load_processor(model["name"])
         family = model_family(model["name"])
         base = load_model(

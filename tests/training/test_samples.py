@@ -1,0 +1,371 @@
+"""Sample building and collation: frames, image tokens, labels on answers only, truncation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+from robovqa_ft.model import FAMILIES, load_processor
+from robovqa_ft.samples import IGNORE_INDEX, SampleBuilder, frame_indices, pad_batch
+from robovqa_ft.tiny_model import IMAGENET_MEAN, IMAGENET_STD, build_tiny_internvl
+
+FRAMES = 16
+TOKENS_PER_FRAME = 4  # tiny InternVL: 56 px tile -> 4 image tokens
+STAGE2_PAIRS = {
+    "clip-a": [
+        ("put cup Q: satisfied?", "yes"),
+        ("Q: what just happened?", "pick up the cup"),
+        ("Q: what is next?", "place the cup on the table"),
+        ("Q: is the table clean?", "no"),
+    ],
+    "clip-b": [
+        ("open drawer Q: satisfied?", "no"),
+        ("Q: what is the robot holding?", "a blue sponge"),
+        ("Q: what just happened?", "open the drawer"),
+    ],
+}
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# ChatML as Qwen2.5-VL's template: an image item is "<|vision_start|><|image_pad|><|vision_end|>".
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def frame_colour(index: int) -> tuple[int, int, int]:
+    """A different solid colour per frame index, so the frames' order shows in pixel_values."""
+    return (index * 16, 240 - index * 16, 128)
+
+
+def stage1_row(video_id: str, question: str, answer: str) -> dict:
+    return {
+        "id": f"{video_id}-0",
+        "video_id": video_id,
+        "images": [f"{video_id}/{i:02d}.jpg" for i in range(FRAMES)],
+        "task": "success",
+        "answer_type": "yes_no",
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+    }
+
+
+def stage2_row(video_id: str, pairs: list[tuple[str, str]]) -> dict:
+    turns = []
+    for question, answer in pairs:
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return {
+        "id": video_id,
+        "video_id": video_id,
+        "images": [f"{video_id}/{i:02d}.jpg" for i in range(FRAMES)],
+        "task": "multi",
+        "conversations": turns,
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """Frames of two clips, stage-1 and stage-2 rows, and their JSONL files."""
+    root = tmp_path_factory.mktemp("samples")
+    for video_id in STAGE2_PAIRS:
+        (root / "images" / video_id).mkdir(parents=True)
+        for i in range(FRAMES):
+            Image.new("RGB", (288, 288), frame_colour(i)).save(
+                root / "images" / video_id / f"{i:02d}.jpg"
+            )
+    stage1 = [
+        stage1_row("clip-a", "put cup Q: satisfied?", "yes"),
+        stage1_row("clip-b", "open drawer Q: satisfied?", "no"),
+    ]
+    stage2 = [stage2_row(video_id, pairs) for video_id, pairs in STAGE2_PAIRS.items()]
+    paths = []
+    for name, rows in (("stage1", stage1), ("stage2", stage2)):
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths.append(path)
+    return {"root": root, "images": root / "images", "stage1": stage1, "stage2": stage2,
+            "jsonl": paths}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def internvl(data) -> dict:
+    out_dir = data["root"] / "tiny-internvl"
+    build_tiny_internvl(out_dir, data["jsonl"])
+    processor = load_processor(out_dir)
+    tokenizer = processor.tokenizer
+    return {
+        "processor": processor,
+        "family": FAMILIES["internvl"],
+        "context": tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        "img": tokenizer.convert_tokens_to_ids("<img>"),
+        "im_start": tokenizer.convert_tokens_to_ids("<|im_start|>"),
+        "im_end": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    }
+
+
+@pytest.fixture(scope="module")
+def qwen_processor(data) -> Qwen2_5_VLProcessor:
+    """A tiny Qwen2.5-VL processor: BPE tokenizer trained on the rows, 60 px frames."""
+    texts = [turn["value"] for row in data["stage1"] + data["stage2"]
+             for turn in row["conversations"]]  # fmt: skip
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=QWEN_SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    # max_pixels 60×60: a 288 px frame is resized to 56 px = 4×4 patches = 2×2 merged tokens.
+    pixels = {"min_pixels": 56 * 56, "max_pixels": 60 * 60}
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        tokenizer=PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        ),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
+def internvl_builder(data, internvl, max_frames=4, max_seq_len=2048, **kwargs) -> SampleBuilder:
+    return SampleBuilder(internvl["processor"], internvl["family"], data["images"],
+                         max_frames=max_frames, max_seq_len=max_seq_len, **kwargs)  # fmt: skip
+
+
+def labelled_runs(labels: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, stop) of each contiguous run of labelled positions."""
+    runs, start = [], None
+    for i, label in enumerate([*labels.tolist(), IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = i
+        elif label == IGNORE_INDEX and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def positions(ids: torch.Tensor, token_id: int) -> list[int]:
+    return (ids == token_id).nonzero().flatten().tolist()
+
+
+# --- frame_indices ---
+
+
+@pytest.mark.parametrize("count", [4, 10])
+def test_frame_indices_spread_evenly_from_first_to_last_frame(count):
+    indices = frame_indices(16, count)
+    assert len(indices) == count
+    assert indices[0] == 0 and indices[-1] == 15
+    gaps = [b - a for a, b in zip(indices, indices[1:], strict=False)]
+    assert all(gap > 0 for gap in gaps)
+    assert max(gaps) - min(gaps) <= 1
+
+
+def test_frame_indices_single_frame_is_the_last_one():
+    assert frame_indices(16, 1) == [15]
+
+
+@pytest.mark.parametrize("count", [16, 20])
+def test_frame_indices_take_every_frame_when_asking_for_as_many_or_more(count):
+    assert frame_indices(16, count) == list(range(16))
+
+
+# --- InternVL samples ---
+
+
+def test_internvl_stage1_sample_has_one_tile_and_four_tokens_per_frame(data, internvl):
+    sample = internvl_builder(data, internvl).encode(data["stage1"][0])
+    ids = sample["input_ids"]
+    assert len(positions(ids, internvl["context"])) == 4 * TOKENS_PER_FRAME
+    assert len(positions(ids, internvl["img"])) == 4
+    assert sample["pixel_values"].shape == (4, 3, 56, 56)  # no thumbnail, no extra tiles
+    assert sample["dropped_turns"] == 0
+
+
+def test_internvl_prompt_numbers_the_frames_in_order(data, internvl):
+    sample = internvl_builder(data, internvl).encode(data["stage1"][0])
+    text = internvl["processor"].tokenizer.decode(sample["input_ids"])
+    starts = [text.find(f"Frame{n}: <img>") for n in range(1, 5)]
+    assert all(start >= 0 for start in starts), text
+    assert starts == sorted(starts)
+    assert "Frame5:" not in text
+
+
+def test_internvl_tiles_are_the_sampled_frames_in_prompt_order(data, internvl):
+    sample = internvl_builder(data, internvl).encode(data["stage1"][0])
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    colours = ((sample["pixel_values"] * std + mean) * 255).mean(dim=(2, 3))
+    expected = torch.tensor([frame_colour(i) for i in frame_indices(16, 4)], dtype=torch.float)
+    torch.testing.assert_close(colours, expected, atol=4.0, rtol=0)
+
+
+def test_internvl_stage1_labels_only_the_answer_and_its_turn_end(data, internvl):
+    sample = internvl_builder(data, internvl).encode(data["stage1"][0])
+    ids, labels = sample["input_ids"], sample["labels"]
+    assert labels.shape == ids.shape
+    runs = labelled_runs(labels)
+    assert len(runs) == 1
+    start, stop = runs[0]
+    assert torch.equal(labels[start:stop], ids[start:stop])
+    assert internvl["processor"].tokenizer.decode(ids[start:stop]) == "yes<|im_end|>"
+    # Nothing of the prompt: every image token and the assistant header come before it.
+    assert max(positions(ids, internvl["context"])) < start
+    assert max(positions(ids, internvl["im_start"])) < start
+    assert stop == len(ids)
+
+
+def test_internvl_stage2_labels_each_answer_and_never_a_question(data, internvl):
+    row = data["stage2"][0]
+    sample = internvl_builder(data, internvl, max_frames=10).encode(row)
+    ids, labels = sample["input_ids"], sample["labels"]
+    tokenizer = internvl["processor"].tokenizer
+    runs = labelled_runs(labels)
+    answers = [answer for _, answer in STAGE2_PAIRS[row["video_id"]]]
+    assert [tokenizer.decode(ids[a:b]) for a, b in runs] == [f"{x}<|im_end|>" for x in answers]
+    assert all(torch.equal(labels[a:b], ids[a:b]) for a, b in runs)
+    labelled_text = "".join(tokenizer.decode(ids[a:b]) for a, b in runs)
+    for question, _ in STAGE2_PAIRS[row["video_id"]]:
+        assert question not in labelled_text
+    # All 10 frames open the first human turn, before any answer.
+    image_positions = positions(ids, internvl["context"])
+    assert len(image_positions) == 10 * TOKENS_PER_FRAME
+    assert max(image_positions) < positions(ids, internvl["im_end"])[0] < runs[0][0]
+    assert sample["dropped_turns"] == 0
+
+
+@pytest.mark.parametrize("kept", [1, 2])
+def test_truncation_drops_whole_trailing_turns_and_keeps_every_image(data, internvl, kept):
+    row = data["stage2"][0]
+    pairs = len(row["conversations"]) // 2
+    full = internvl_builder(data, internvl, max_frames=10).encode(row)
+    runs = labelled_runs(full["labels"])
+    # One token short of the next answer's end: that answer cannot fit.
+    max_seq_len = runs[kept][1] - 1
+    sample = internvl_builder(data, internvl, max_frames=10, max_seq_len=max_seq_len).encode(row)
+    ids = sample["input_ids"]
+    assert len(ids) == runs[kept - 1][1] <= max_seq_len
+    assert ids[-1] == internvl["im_end"]
+    assert torch.equal(ids, full["input_ids"][: len(ids)])
+    assert torch.equal(sample["attention_mask"], full["attention_mask"][: len(ids)])
+    assert torch.equal(sample["labels"], full["labels"][: len(ids)])
+    assert len(labelled_runs(sample["labels"])) == kept
+    assert len(positions(ids, internvl["context"])) == 10 * TOKENS_PER_FRAME
+    assert torch.equal(sample["pixel_values"], full["pixel_values"])
+    assert sample["dropped_turns"] == pairs - kept
+
+
+def test_sample_is_none_when_not_even_the_first_answer_fits(data, internvl):
+    row = data["stage2"][0]
+    full = internvl_builder(data, internvl, max_frames=10).encode(row)
+    image_prefix = max(positions(full["input_ids"], internvl["context"])) + 1
+    first_answer_end = labelled_runs(full["labels"])[0][1]
+    for max_seq_len in (image_prefix - 1, first_answer_end - 1):
+        builder = internvl_builder(data, internvl, max_frames=10, max_seq_len=max_seq_len)
+        assert builder.encode(row) is None
+    with pytest.raises(ValueError):
+        pad_batch([None, None], pad_token_id=0)
+
+
+def test_blank_frames_change_pixels_but_not_tokens(data, internvl):
+    row = data["stage2"][1]
+    real = internvl_builder(data, internvl).encode(row)
+    blank = internvl_builder(data, internvl, blank_frames=True).encode(row)
+    assert torch.equal(blank["input_ids"], real["input_ids"])
+    assert torch.equal(blank["labels"], real["labels"])
+    assert blank["pixel_values"].shape == real["pixel_values"].shape
+    assert not torch.allclose(blank["pixel_values"], real["pixel_values"])
+    # Every blank frame is the same (black) picture.
+    tiles = blank["pixel_values"]
+    assert torch.equal(tiles, tiles[:1].expand_as(tiles))
+
+
+# --- pad_batch ---
+
+
+def test_pad_batch_right_pads_and_concatenates_tiles(data, internvl):
+    row_a, row_b = data["stage2"]
+    full_a = internvl_builder(data, internvl).encode(row_a)
+    full_b = internvl_builder(data, internvl).encode(row_b)
+    # Different truncations, so the lengths and the dropped turns differ (1 and 2).
+    fit_a, fit_b = labelled_runs(full_a["labels"])[2][1], labelled_runs(full_b["labels"])[0][1]
+    a = internvl_builder(data, internvl, max_seq_len=fit_a).encode(row_a)
+    b = internvl_builder(data, internvl, max_seq_len=fit_b).encode(row_b)
+    assert (a["dropped_turns"], b["dropped_turns"]) == (1, 2)
+    pad_id = internvl["processor"].tokenizer.pad_token_id
+    batch = pad_batch([a, None, b], pad_token_id=pad_id)
+    long, short = len(a["input_ids"]), len(b["input_ids"])
+    assert long > short
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, long)
+    assert batch["attention_mask"].shape == (2, long)
+    assert torch.equal(batch["input_ids"][0], a["input_ids"])
+    assert torch.equal(batch["input_ids"][1, :short], b["input_ids"])
+    assert torch.equal(batch["labels"][1, :short], b["labels"])
+    assert (batch["input_ids"][1, short:] == pad_id).all()
+    assert (batch["attention_mask"][1, short:] == 0).all()
+    assert (batch["attention_mask"][1, :short] == 1).all()
+    assert (batch["labels"][1, short:] == IGNORE_INDEX).all()
+    assert batch["pixel_values"].shape == (8, 3, 56, 56)
+    assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"]]))
+    assert batch["dropped_turns"].item() == 3
+
+
+# --- Qwen2.5-VL samples ---
+
+
+def qwen_builder(data, processor) -> SampleBuilder:
+    return SampleBuilder(processor, FAMILIES["qwen2_5_vl"], data["images"],
+                         max_frames=4, max_seq_len=2048)  # fmt: skip
+
+
+def test_qwen_stage1_sample_has_merged_image_tokens_and_labels_the_answer(data, qwen_processor):
+    sample = qwen_builder(data, qwen_processor).encode(data["stage1"][0])
+    tokenizer = qwen_processor.tokenizer
+    ids = sample["input_ids"]
+    grid = sample["image_grid_thw"]
+    assert grid.shape == (4, 3)
+    image_pads = len(positions(ids, tokenizer.convert_tokens_to_ids("<|image_pad|>")))
+    assert image_pads == grid.prod(-1).sum().item() // 4 == 4 * 4
+    assert len(positions(ids, tokenizer.convert_tokens_to_ids("<|vision_start|>"))) == 4
+    assert sample["pixel_values"].shape[0] == grid.prod(-1).sum().item()
+    runs = labelled_runs(sample["labels"])
+    assert len(runs) == 1
+    assert tokenizer.decode(ids[runs[0][0] : runs[0][1]]) == "yes<|im_end|>"
+    assert sample["dropped_turns"] == 0
+
+
+def test_qwen_pad_batch_concatenates_patches_and_grids(data, qwen_processor):
+    builder = qwen_builder(data, qwen_processor)
+    a, b = builder.encode(data["stage1"][0]), builder.encode(data["stage2"][1])
+    batch = pad_batch([a, b], pad_token_id=qwen_processor.tokenizer.pad_token_id)
+    assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"]]))
+    grids = torch.cat([a["image_grid_thw"], b["image_grid_thw"]])
+    assert torch.equal(batch["image_grid_thw"], grids)
+    assert batch["image_grid_thw"].shape == (8, 3)
+    length = max(len(a["input_ids"]), len(b["input_ids"]))
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, length)

@@ -1,0 +1,197 @@
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_helpers import run_settings
+
+from robovqa_ft.model import attach_lora, load_model
+from robovqa_ft.train import (
+    COMPLETE_MARKER,
+    CheckpointLockedError,
+    exclusive_lock,
+    latest_complete_checkpoint,
+    prepare_checkpoint_dir,
+    train_run,
+)
+
+
+def run(setup, out: Path, stage="stage1", init_adapter=None, **training):
+    return train_run(
+        train_jsonl=setup[f"{stage}_train"],
+        val_jsonl=setup[f"{stage}_val"],
+        images_dir=setup["images"],
+        adapter_dir=out / "adapter",
+        run_dir=out,
+        checkpoint_dir=out / "checkpoints",
+        init_adapter=init_adapter,
+        **run_settings(setup["model"], **training),
+    )
+
+
+def adapter_weights(adapter: Path) -> dict[str, torch.Tensor]:
+    return load_file(adapter / "adapter_model.safetensors")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+DRIVER = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
+sys.path.insert(0, {tests!r})
+from training_helpers import run_settings
+from robovqa_ft.train import train_run
+args = json.loads(sys.argv[1])
+train_run(**args["paths"], **run_settings(args["model"], **args["training"]))
+"""
+
+
+def start_training(setup, out: Path, **training) -> subprocess.Popen:
+    paths = {
+        "train_jsonl": str(setup["stage1_train"]),
+        "val_jsonl": str(setup["stage1_val"]),
+        "images_dir": str(setup["images"]),
+        "adapter_dir": str(out / "adapter"),
+        "run_dir": str(out),
+        "checkpoint_dir": str(out / "checkpoints"),
+    }
+    args = json.dumps({"paths": paths, "model": str(setup["model"]), "training": training})
+    code = DRIVER.format(tests=str(Path(__file__).parent))
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "driver.log").open("w")
+    return subprocess.Popen([sys.executable, "-c", code, args], stdout=log, stderr=log)
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, f"trainer ended before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_stage1_loss_falls_and_metrics_are_written(tiny_setup, tmp_path):
+    run(tiny_setup, tmp_path, max_steps=12)
+    rows = csv_rows(tmp_path / "train_metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    assert last < first
+    assert all(float(r["tokens_per_s"]) > 0 and float(r["samples_per_s"]) > 0 for r in rows)
+    evals = csv_rows(tmp_path / "eval_metrics.csv")
+    assert [int(r["step"]) for r in evals] == [5, 10, 12]
+    config = (tmp_path / "config.yaml").read_text()
+    assert "learning_rate: 0.002" in config
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_training_killed_with_sigkill_resumes_to_the_same_adapter(tiny_setup, tmp_path):
+    first = adapter_weights(run(tiny_setup, tmp_path / "a", max_steps=16))
+    second = adapter_weights(run(tiny_setup, tmp_path / "b", max_steps=16))
+    tolerance = max_difference(first, second)
+
+    killed = tmp_path / "killed"
+    process = start_training(tiny_setup, killed, max_steps=16, save_steps=4)
+    wait_for(killed / "checkpoints" / "checkpoint-4" / COMPLETE_MARKER, process)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed / "adapter").exists()
+    assert latest_complete_checkpoint(killed / "checkpoints") is not None
+
+    resumed = start_training(tiny_setup, killed, max_steps=16, save_steps=4)
+    assert resumed.wait(timeout=300) == 0, (killed / "driver.log").read_text()
+    assert "Resumed from checkpoint: step=" in (killed / "driver.log").read_text()
+    assert max_difference(adapter_weights(killed / "adapter"), first) <= tolerance + 1e-7
+    steps = [int(r["step"]) for r in csv_rows(killed / "train_metrics.csv")]
+    assert steps == list(range(1, 17)), "rows past the checkpoint are logged once, not twice"
+
+
+def test_sigterm_saves_a_checkpoint_then_stops(tiny_setup, tmp_path):
+    process = start_training(tiny_setup, tmp_path, max_steps=400, save_steps=1000)
+    wait_for(tmp_path / "train_metrics.csv", process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) != 0
+    saved = latest_complete_checkpoint(tmp_path / "checkpoints")
+    assert saved is not None and int(saved.name.split("-")[1]) < 400
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_stage2_starts_from_stage1_weights_with_a_fresh_schedule(tiny_setup, tmp_path):
+    stage1 = run(tiny_setup, tmp_path / "stage1", max_steps=6)
+    model = attach_lora(load_model(tiny_setup["model"], "none", "float32", "sdpa", False),
+                        8, 16, 0.1, init_adapter=stage1)  # fmt: skip
+    loaded = {
+        name.replace(".default", ""): p.detach()
+        for name, p in model.named_parameters()
+        if "lora_" in name
+    }
+    saved = adapter_weights(stage1)
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+    run(tiny_setup, tmp_path / "stage2", stage="stage2", init_adapter=stage1, max_steps=8)
+    rows = csv_rows(tmp_path / "stage2" / "train_metrics.csv")
+    assert int(rows[0]["step"]) == 1
+    # warmup is 25% of 8 steps: the first step's rate starts low again, then peaks
+    assert float(rows[0]["learning_rate"]) < float(rows[1]["learning_rate"])
+    assert max(float(r["learning_rate"]) for r in rows) == pytest.approx(2e-3)
+
+
+def test_changed_config_moves_old_checkpoints_aside_instead_of_resuming(tiny_setup, tmp_path):
+    run(tiny_setup, tmp_path, max_steps=4)
+    shutil.rmtree(tmp_path / "adapter")
+    run(tiny_setup, tmp_path, max_steps=4, seed=1)
+    log_dirs = list((tmp_path / "checkpoints").glob("stale-*"))
+    assert len(log_dirs) == 1 and list(log_dirs[0].glob("checkpoint-*"))
+    rows = csv_rows(tmp_path / "train_metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_unchanged_config_keeps_its_checkpoints(tmp_path):
+    prepare_checkpoint_dir(tmp_path, "abc")
+    (tmp_path / "checkpoint-2").mkdir()
+    prepare_checkpoint_dir(tmp_path, "abc")
+    assert (tmp_path / "checkpoint-2").is_dir() and not list(tmp_path.glob("stale-*"))
+    prepare_checkpoint_dir(tmp_path, "def")
+    assert not (tmp_path / "checkpoint-2").exists() and list(tmp_path.glob("stale-*"))
+
+
+def test_a_second_trainer_on_the_same_run_fails_at_once_naming_the_holder(tmp_path):
+    held = pytest.raises(CheckpointLockedError, match=f"pid {os.getpid()}")
+    with exclusive_lock(tmp_path), held, exclusive_lock(tmp_path):
+        pass
+    with exclusive_lock(tmp_path):  # released when the first trainer ends
+        pass
+
+
+def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_setup, tmp_path, caplog):
+    run(tiny_setup, tmp_path, max_steps=6, save_steps=2)
+    shutil.rmtree(tmp_path / "adapter")
+    checkpoints = tmp_path / "checkpoints"
+    # The last save cut short: a file truncated, no completion marker.
+    half = checkpoints / "checkpoint-6"
+    (half / COMPLETE_MARKER).unlink()
+    optimizer = half / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    assert latest_complete_checkpoint(checkpoints).name == "checkpoint-4"
+
+    with caplog.at_level("INFO"):
+        run(tiny_setup, tmp_path, max_steps=6, save_steps=2)
+    assert "Resumed from checkpoint: step=4" in caplog.text
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

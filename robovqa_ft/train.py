@@ -203,6 +203,23 @@ class CurriculumTrainer(Trainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
+@contextmanager
+def _also_logged_to(path: Path) -> Iterator[None]:
+    """The run's own log beside its metrics, appended across resumes."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
 def train_run(
     train_jsonl: Path | str,
     val_jsonl: Path | str,
@@ -224,7 +241,7 @@ def train_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model": model, "lora": lora, "stage": stage, "training": training,
                 "init_adapter": str(init_adapter) if init_adapter else None}  # fmt: skip
-    with exclusive_lock(checkpoint_dir):
+    with _also_logged_to(run_dir / "training.log"), exclusive_lock(checkpoint_dir):
         inputs = [train_jsonl, val_jsonl] + ([init_adapter] if init_adapter else [])
         prepare_checkpoint_dir(checkpoint_dir, fingerprint(settings, inputs))
         with atomic_open(run_dir / "config.yaml") as handle:

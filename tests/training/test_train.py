@@ -95,6 +95,7 @@ def test_stage1_loss_falls_and_metrics_are_written(tiny_setup, tmp_path):
     assert all(float(r["tokens_per_s"]) > 0 and float(r["samples_per_s"]) > 0 for r in rows)
     evals = csv_rows(tmp_path / "eval_metrics.csv")
     assert [int(r["step"]) for r in evals] == [5, 10, 12]
+    assert "Starting from step 0" in (tmp_path / "training.log").read_text()
     config = (tmp_path / "config.yaml").read_text()
     assert "learning_rate: 0.002" in config
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8

@@ -62,9 +62,23 @@ def exclusive_lock(checkpoint_dir: Path) -> Iterator[None]:
         yield
 
 
+# Settings that change how a run is watched or saved, not the weights it reaches:
+# changing them must not throw days of checkpoints away.
+BOOKKEEPING = {
+    "training": {"logging_steps", "eval_steps", "eval_samples", "save_steps",
+                 "save_every_minutes", "save_total_limit", "dataloader_workers"},
+    "model": {"max_memory_gb"},
+}  # fmt: skip
+
+
 def fingerprint(settings: dict, inputs: list[Path | str]) -> str:
-    """A hash of the resolved settings and the input files' contents."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    """A hash of the settings that shape the trained weights, and of the input files."""
+    shaping = {
+        section: {k: v for k, v in values.items() if k not in BOOKKEEPING.get(section, ())}
+        if isinstance(values, dict) else values
+        for section, values in settings.items()
+    }  # fmt: skip
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode())
     for path in inputs:
         path = Path(path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -242,7 +256,7 @@ def train_run(
     settings = {"model": model, "lora": lora, "stage": stage, "training": training,
                 "init_adapter": str(init_adapter) if init_adapter else None}  # fmt: skip
     with _also_logged_to(run_dir / "training.log"), exclusive_lock(checkpoint_dir):
-        inputs = [train_jsonl, val_jsonl] + ([init_adapter] if init_adapter else [])
+        inputs = [train_jsonl] + ([init_adapter] if init_adapter else [])
         prepare_checkpoint_dir(checkpoint_dir, fingerprint(settings, inputs))
         with atomic_open(run_dir / "config.yaml") as handle:
             yaml.safe_dump(settings, handle, sort_keys=False)

@@ -18,6 +18,7 @@ from robovqa_ft.train import (
     COMPLETE_MARKER,
     CheckpointLockedError,
     exclusive_lock,
+    fingerprint,
     latest_complete_checkpoint,
     prepare_checkpoint_dir,
     train_run,
@@ -196,3 +197,15 @@ def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_setup, tmp
         run(tiny_setup, tmp_path, max_steps=6, save_steps=2)
     assert "Resumed from checkpoint: step=4" in caplog.text
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_fingerprint_ignores_bookkeeping_but_not_what_shapes_the_weights(tiny_setup):
+    settings = run_settings(tiny_setup["model"])
+    data = [tiny_setup["stage1_train"]]
+    base = fingerprint(settings, data)
+    bookkeeping = {"save_steps": 7, "eval_steps": 3, "dataloader_workers": 8}
+    watched = {**settings, "training": {**settings["training"], **bookkeeping}}
+    assert fingerprint(watched, data) == base
+    changed_lr = {**settings, "stage": {**settings["stage"], "learning_rate": 1e-4}}
+    assert fingerprint(changed_lr, data) != base
+    assert fingerprint(settings, [tiny_setup["stage2_train"]]) != base

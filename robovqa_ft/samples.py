@@ -149,6 +149,7 @@ class JsonlDataset(Dataset):
 
 def pad_batch(samples: list[dict | None], pad_token_id: int) -> dict[str, Any]:
     """Right-pad token sequences; concatenate the visual inputs (tiles in prompt order)."""
+    given = len(samples)
     samples = [s for s in samples if s is not None]
     if not samples:
         raise ValueError("no sample in this batch fits max_seq_len; raise it")
@@ -167,4 +168,5 @@ def pad_batch(samples: list[dict | None], pad_token_id: int) -> dict[str, Any]:
         else:
             batch[key] = torch.cat([s[key] for s in samples])
     batch["dropped_turns"] = torch.tensor(sum(s["dropped_turns"] for s in samples))
+    batch["skipped_samples"] = torch.tensor(given - len(samples))  # not even one answer fit
     return batch

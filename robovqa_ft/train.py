@@ -126,7 +126,7 @@ class CrashSafety(TrainerCallback):
         self.interval = save_every_minutes * 60
         self.last_save = time.monotonic()
         self.terminated = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
         log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
@@ -150,7 +150,7 @@ class MetricsLog(TrainerCallback):
     """`train_metrics.csv` and `eval_metrics.csv` in the run folder, kept across resumes."""
 
     TRAIN = ["step", "epoch", "loss", "learning_rate", "grad_norm", "samples_per_s",
-             "tokens_per_s", "peak_memory_gb", "dropped_turns"]  # fmt: skip
+             "tokens_per_s", "peak_memory_gb", "dropped_turns", "skipped_samples"]  # fmt: skip
     EVAL = ["step", "epoch", "eval_loss", "eval_samples"]
 
     def __init__(self, run_dir: Path, resumed_step: int, eval_samples: int):
@@ -158,12 +158,14 @@ class MetricsLog(TrainerCallback):
         self.eval_samples = eval_samples
         for path, fields in ((self.train_csv, self.TRAIN), (self.eval_csv, self.EVAL)):
             _keep_rows_up_to(path, fields, resumed_step)
-        self.window_start, self.samples, self.tokens, self.dropped = time.monotonic(), 0, 0, 0
+        self.window_start, self.samples, self.tokens = time.monotonic(), 0, 0
+        self.dropped = self.skipped = 0  # since this process started
 
-    def count(self, samples: int, tokens: int, dropped: int) -> None:
+    def count(self, samples: int, tokens: int, dropped: int, skipped: int) -> None:
         self.samples += samples
         self.tokens += tokens
         self.dropped += dropped
+        self.skipped += skipped
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -178,7 +180,7 @@ class MetricsLog(TrainerCallback):
                 **row, "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"), "samples_per_s": self.samples / seconds,
                 "tokens_per_s": self.tokens / seconds, "peak_memory_gb": round(peak, 3),
-                "dropped_turns": self.dropped,
+                "dropped_turns": self.dropped, "skipped_samples": self.skipped,
             })  # fmt: skip
             self.window_start, self.samples, self.tokens = time.monotonic(), 0, 0
 
@@ -210,10 +212,10 @@ class CurriculumTrainer(Trainer):
     metrics: MetricsLog
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        dropped = int(inputs.pop("dropped_turns"))
+        dropped, skipped = int(inputs.pop("dropped_turns")), int(inputs.pop("skipped_samples"))
         if model.training:
             tokens = int(inputs["attention_mask"].sum())
-            self.metrics.count(len(inputs["input_ids"]), tokens, dropped)
+            self.metrics.count(len(inputs["input_ids"]), tokens, dropped, skipped)
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
@@ -290,7 +292,10 @@ def train_run(
             log.info("Resumed from checkpoint: step=%d (%s)", resumed_step, resume)
         else:
             log.info("Starting from step 0: no complete checkpoint in %s", checkpoint_dir)
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        finally:
+            signal.signal(signal.SIGTERM, safety.previous_handler)
         if safety.terminated:
             raise SystemExit(f"stopped by SIGTERM; resume from {checkpoint_dir} by re-running")
         with atomic_directory(adapter_dir) as tmp:

@@ -333,6 +333,7 @@ def test_pad_batch_right_pads_and_concatenates_tiles(data, internvl):
     assert batch["pixel_values"].shape == (8, 3, 56, 56)
     assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"]]))
     assert batch["dropped_turns"].item() == 3
+    assert batch["skipped_samples"].item() == 1  # the None: not even one answer fit
 
 
 # --- Qwen2.5-VL samples ---

@@ -79,8 +79,8 @@ def load_model(
 ) -> Any:
     """The base model, frozen, on the GPU if there is one, ready for LoRA.
 
-    `quantization`: "nf4" (QLoRA: 4-bit NF4 with double quantization and bf16 compute;
-    vision tower, projector and head kept as they are) or "none".
+    `quantization`: "nf4" (QLoRA: 4-bit NF4 with double quantization, computing in
+    `dtype`; vision tower, projector and head kept as they are) or "none".
     """
     family = model_family(name_or_path)
     kwargs: dict[str, Any] = {
@@ -92,7 +92,7 @@ def load_model(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=getattr(torch, dtype),
             llm_int8_skip_modules=list(family.keep_unquantized),
         )
     elif quantization != "none":
@@ -106,7 +106,9 @@ def load_model(
     model.requires_grad_(False)
     if quantization == "nf4":
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

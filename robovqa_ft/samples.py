@@ -72,12 +72,11 @@ class SampleBuilder:
         images_dir: Path | str,
         max_frames: int,
         max_seq_len: int,
-        frames_per_clip: int = 16,
         blank_frames: bool = False,
     ):
         self.processor, self.family = processor, family
         self.images_dir = Path(images_dir)
-        self.indices = frame_indices(frames_per_clip, max_frames)
+        self.max_frames = max_frames
         self.max_seq_len = max_seq_len
         self.blank_frames = blank_frames
         tokenizer = processor.tokenizer
@@ -86,7 +85,7 @@ class SampleBuilder:
 
     def frames(self, row: dict) -> list[Image.Image]:
         images = []
-        for i in self.indices:
+        for i in frame_indices(len(row["images"]), self.max_frames):
             with Image.open(self.images_dir / row["images"][i]) as image:
                 image = image.convert("RGB")
             images.append(Image.new("RGB", image.size) if self.blank_frames else image)
@@ -97,10 +96,11 @@ class SampleBuilder:
 
         `dropped_turns` counts the question/answer pairs cut to fit `max_seq_len`.
         """
-        frame_content = self.family.frame_content(len(self.indices))
+        frames = self.frames(row)
+        frame_content = self.family.frame_content(len(frames))
         text = self.processor.apply_chat_template(chat_messages(row, frame_content), tokenize=False)
         inputs = self.processor(
-            text=[text], images=[self.frames(row)], return_tensors="pt",
+            text=[text], images=[frames], return_tensors="pt",
             **self.family.processor_kwargs,
         )  # fmt: skip
         ids = inputs["input_ids"][0].tolist()

@@ -9,13 +9,8 @@ Trainer; resume or start; save the adapter atomically.
 from __future__ import annotations
 
 import csv
-import fcntl
-import hashlib
-import json
 import logging
-import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,96 +21,18 @@ import torch
 import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from robovqa_ft.checkpoints import (
+    COMPLETE_MARKER,
+    exclusive_lock,
+    fingerprint,
+    latest_complete_checkpoint,
+    prepare_checkpoint_dir,
+)
 from robovqa_ft.files import atomic_directory, atomic_open
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
 from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch
 
 log = logging.getLogger(__name__)
-
-COMPLETE_MARKER = "checkpoint_complete"
-FINGERPRINT_FILE = "fingerprint.json"
-LOCK_FILE = "lock"
-
-
-class CheckpointLockedError(RuntimeError):
-    pass
-
-
-@contextmanager
-def exclusive_lock(checkpoint_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run's checkpoint folder, or fail at once saying who has it."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    with open(checkpoint_dir / LOCK_FILE, "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise CheckpointLockedError(
-                f"{checkpoint_dir} is in use by another trainer ({handle.read().strip()}); "
-                "two trainers on one run would overwrite each other's checkpoints"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
-        handle.flush()
-        yield
-
-
-# Settings that change how a run is watched or saved, not the weights it reaches:
-# changing them must not throw days of checkpoints away.
-BOOKKEEPING = {
-    "training": {"logging_steps", "eval_steps", "eval_samples", "save_steps",
-                 "save_every_minutes", "save_total_limit", "dataloader_workers"},
-    "model": {"max_memory_gb"},
-}  # fmt: skip
-
-
-def fingerprint(settings: dict, inputs: list[Path | str]) -> str:
-    """A hash of the settings that shape the trained weights, and of the input files."""
-    shaping = {
-        section: {k: v for k, v in values.items() if k not in BOOKKEEPING.get(section, ())}
-        if isinstance(values, dict) else values
-        for section, values in settings.items()
-    }  # fmt: skip
-    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode())
-    for path in inputs:
-        path = Path(path)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for file in files:
-            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-            with file.open("rb") as handle:
-                while block := handle.read(1 << 22):
-                    digest.update(block)
-    return digest.hexdigest()
-
-
-def prepare_checkpoint_dir(checkpoint_dir: Path, current: str) -> None:
-    """Move checkpoints of another configuration or data aside, so they are never resumed."""
-    stored = checkpoint_dir / FINGERPRINT_FILE
-    old = json.loads(stored.read_text())["fingerprint"] if stored.exists() else None
-    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"))
-    if old != current and checkpoints:
-        aside = checkpoint_dir / f"stale-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir()
-        for path in checkpoints:
-            path.rename(aside / path.name)
-        log.warning(
-            "configuration or data changed since these checkpoints were written: moved %d to %s",
-            len(checkpoints), aside,
-        )  # fmt: skip
-    with atomic_open(stored) as handle:
-        json.dump({"fingerprint": current}, handle)
-
-
-def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest checkpoint whose save finished; a half-written one is never resumed."""
-    complete = [
-        path
-        for path in checkpoint_dir.glob("checkpoint-*")
-        if (path / COMPLETE_MARKER).exists() and path.name.split("-")[-1].isdigit()
-    ]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 class CrashSafety(TrainerCallback):
@@ -159,7 +76,7 @@ class MetricsLog(TrainerCallback):
         for path, fields in ((self.train_csv, self.TRAIN), (self.eval_csv, self.EVAL)):
             _keep_rows_up_to(path, fields, resumed_step)
         self.window_start, self.samples, self.tokens = time.monotonic(), 0, 0
-        self.dropped = self.skipped = 0  # since this process started
+        self.dropped = self.skipped = 0  # per logging window, like samples and tokens
 
     def count(self, samples: int, tokens: int, dropped: int, skipped: int) -> None:
         self.samples += samples
@@ -183,6 +100,7 @@ class MetricsLog(TrainerCallback):
                 "dropped_turns": self.dropped, "skipped_samples": self.skipped,
             })  # fmt: skip
             self.window_start, self.samples, self.tokens = time.monotonic(), 0, 0
+            self.dropped = self.skipped = 0
 
 
 def _append(path: Path, fields: list[str], row: dict) -> None:
@@ -248,17 +166,20 @@ def train_run(
     stage: dict,
     training: dict,
     init_adapter: Path | str | None = None,
+    data_metadata: Path | str | None = None,
 ) -> Path:
     """Train LoRA on `train_jsonl` and write the adapter to `adapter_dir` when done.
 
     `model`, `lora`, `stage` and `training` are the config sections of the same names.
+    `data_metadata` (the data's metadata.json) joins the fingerprint, so frames extracted
+    anew with other settings never resume old checkpoints.
     """
     run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model": model, "lora": lora, "stage": stage, "training": training,
                 "init_adapter": str(init_adapter) if init_adapter else None}  # fmt: skip
     with _also_logged_to(run_dir / "training.log"), exclusive_lock(checkpoint_dir):
-        inputs = [train_jsonl] + ([init_adapter] if init_adapter else [])
+        inputs = [p for p in (train_jsonl, data_metadata, init_adapter) if p is not None]
         prepare_checkpoint_dir(checkpoint_dir, fingerprint(settings, inputs))
         with atomic_open(run_dir / "config.yaml") as handle:
             yaml.safe_dump(settings, handle, sort_keys=False)
@@ -272,8 +193,9 @@ def train_run(
             model["gradient_checkpointing"], model.get("max_memory_gb"),
         )  # fmt: skip
         peft_model = attach_lora(base, lora["r"], lora["alpha"], lora["dropout"], init_adapter)
-        builder = SampleBuilder(processor, family, images_dir, stage["max_frames"],
-                                stage["max_seq_len"])  # fmt: skip
+        builder = SampleBuilder(
+            processor, family, images_dir, stage["max_frames"], stage["max_seq_len"]
+        )
         train_set = JsonlDataset(train_jsonl, builder)
         val_set = JsonlDataset(val_jsonl, builder, limit=training["eval_samples"])
         trainer = CurriculumTrainer(
@@ -324,13 +246,14 @@ def training_arguments(
         adam_beta2=stage["adam_beta2"],
         weight_decay=stage["weight_decay"],
         bf16=cuda and model["dtype"] == "bfloat16",
+        fp16=cuda and model["dtype"] == "float16",
         optim="adamw_torch",
         logging_steps=training["logging_steps"],
         eval_strategy="steps",
         eval_steps=training["eval_steps"],
         save_strategy="steps",
         save_steps=training["save_steps"],
-        save_total_limit=max(2, training["save_total_limit"]),
+        save_total_limit=training["save_total_limit"],
         seed=training["seed"],
         data_seed=training["seed"],
         dataloader_num_workers=training["dataloader_workers"],

@@ -1,5 +1,6 @@
 from robovqa_ft.bucket import read_manifest, source_folders
 from robovqa_ft.jsonl import jsonl_paths
+from robovqa_ft.checkpoints import shaping_settings
 
 JSONL_OUTPUTS = jsonl_paths("results/data")
 FRAME_SIZE = (config["frame_size"], config["frame_size"])
@@ -57,7 +58,7 @@ def training_inputs(wildcards):
     inputs = {
         "train": JSONL_OUTPUTS[f"{stage}_train"],
         "val": JSONL_OUTPUTS[f"{stage}_val"],
-        "images": "results/data/metadata.json",  # the frames exist once this does
+        "metadata": "results/data/metadata.json",  # the frames exist once this does
     }
     if config["model"]["name"] == "tiny":
         inputs["model"] = TINY_MODEL

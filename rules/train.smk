@@ -34,12 +34,18 @@ rule train:
     retries: 2  # a crash resumes from the newest checkpoint by itself
     conda:
         "../envs/train.yaml"
+    threads: workflow.cores
+    resources:
+        gpu=1,  # one training per GPU; the default profile has one
+    # Only what shapes the weights is a param (a change re-runs training); the script
+    # reads the bookkeeping keys (save/eval cadence, workers, memory cap) from the config.
     params:
         run_dir="results/{run}",
         checkpoint_dir="results/checkpoints/{run}",
-        model=model_settings(),
+        images_dir="results/data/images",
+        model=shaping_settings("model", model_settings()),
         lora=config["lora"],
         stage=lambda wildcards: config[run_stage(wildcards.run)],
-        training=config["training"],
+        training=shaping_settings("training", config["training"]),
     script:
         "../workflow_scripts/train.py"

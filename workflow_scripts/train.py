@@ -3,17 +3,19 @@
 from robovqa_ft.logs import log_to
 from robovqa_ft.train import train_run
 
+config, params = snakemake.config, snakemake.params
 with log_to(snakemake.log[0]):
     train_run(
         train_jsonl=snakemake.input.train,
         val_jsonl=snakemake.input.val,
-        images_dir="results/data/images",
+        images_dir=params.images_dir,
         adapter_dir=snakemake.output.adapter,
-        run_dir=snakemake.params.run_dir,
-        checkpoint_dir=snakemake.params.checkpoint_dir,
-        model=snakemake.params.model,
-        lora=snakemake.params.lora,
-        stage=snakemake.params.stage,
-        training=snakemake.params.training,
+        run_dir=params.run_dir,
+        checkpoint_dir=params.checkpoint_dir,
+        model={**config["model"], **params.model},  # params.model has "tiny" resolved
+        lora=params.lora,
+        stage=params.stage,
+        training=config["training"],
         init_adapter=snakemake.input.get("init_adapter"),
+        data_metadata=snakemake.input.metadata,
     )

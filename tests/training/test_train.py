@@ -1,6 +1,5 @@
 import csv
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,28 +12,28 @@ import torch
 from safetensors.torch import load_file
 from training_helpers import run_settings
 
-from robovqa_ft.model import attach_lora, load_model
-from robovqa_ft.train import (
+from robovqa_ft.checkpoints import (
     COMPLETE_MARKER,
     CheckpointLockedError,
     exclusive_lock,
     fingerprint,
     latest_complete_checkpoint,
     prepare_checkpoint_dir,
-    train_run,
 )
+from robovqa_ft.model import attach_lora, load_model
+from robovqa_ft.train import train_run
 
 
-def run(setup, out: Path, stage="stage1", init_adapter=None, **training):
+def run(setup, out: Path, data="stage1", init_adapter=None, **settings):
     return train_run(
-        train_jsonl=setup[f"{stage}_train"],
-        val_jsonl=setup[f"{stage}_val"],
+        train_jsonl=setup[f"{data}_train"],
+        val_jsonl=setup[f"{data}_val"],
         images_dir=setup["images"],
         adapter_dir=out / "adapter",
         run_dir=out,
         checkpoint_dir=out / "checkpoints",
         init_adapter=init_adapter,
-        **run_settings(setup["model"], **training),
+        **run_settings(setup["model"], **settings),
     )
 
 
@@ -53,17 +52,21 @@ def csv_rows(path: Path) -> list[dict]:
 
 
 DRIVER = """
-import json, logging, sys
+import json, logging, sys, time
+import torch
 logging.basicConfig(level=logging.INFO)
 sys.path.insert(0, {tests!r})
 from training_helpers import run_settings
 from robovqa_ft.train import train_run
 args = json.loads(sys.argv[1])
+if args["slow_save"]:  # widen the window in which a kill lands mid-save
+    save = torch.save
+    torch.save = lambda *a, **k: (time.sleep(args["slow_save"]), save(*a, **k))[1]
 train_run(**args["paths"], **run_settings(args["model"], **args["training"]))
 """
 
 
-def start_training(setup, out: Path, **training) -> subprocess.Popen:
+def start_training(setup, out: Path, slow_save: float = 0, **training) -> subprocess.Popen:
     paths = {
         "train_jsonl": str(setup["stage1_train"]),
         "val_jsonl": str(setup["stage1_val"]),
@@ -72,7 +75,8 @@ def start_training(setup, out: Path, **training) -> subprocess.Popen:
         "run_dir": str(out),
         "checkpoint_dir": str(out / "checkpoints"),
     }
-    args = json.dumps({"paths": paths, "model": str(setup["model"]), "training": training})
+    args = json.dumps({"paths": paths, "model": str(setup["model"]), "training": training,
+                       "slow_save": slow_save})  # fmt: skip
     code = DRIVER.format(tests=str(Path(__file__).parent))
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "driver.log").open("w")
@@ -147,7 +151,14 @@ def test_stage2_starts_from_stage1_weights_with_a_fresh_schedule(tiny_setup, tmp
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
-    run(tiny_setup, tmp_path / "stage2", stage="stage2", init_adapter=stage1, max_steps=8)
+    # One step at a vanishing learning rate leaves the stage-1 weights where they were;
+    # a fresh LoRA would have all-zero B matrices.
+    still = run(tiny_setup, tmp_path / "still", data="stage2", init_adapter=stage1,
+                stage={"learning_rate": 1e-12}, max_steps=1)  # fmt: skip
+    assert max_difference(adapter_weights(still), saved) < 1e-6
+    assert any(t.abs().max() > 0 for k, t in saved.items() if "lora_B" in k)
+
+    run(tiny_setup, tmp_path / "stage2", data="stage2", init_adapter=stage1, max_steps=8)
     rows = csv_rows(tmp_path / "stage2" / "train_metrics.csv")
     assert int(rows[0]["step"]) == 1
     # warmup is 25% of 8 steps: the first step's rate starts low again, then peaks
@@ -158,7 +169,7 @@ def test_stage2_starts_from_stage1_weights_with_a_fresh_schedule(tiny_setup, tmp
 def test_changed_config_moves_old_checkpoints_aside_instead_of_resuming(tiny_setup, tmp_path):
     run(tiny_setup, tmp_path, max_steps=4)
     shutil.rmtree(tmp_path / "adapter")
-    run(tiny_setup, tmp_path, max_steps=4, seed=1)
+    run(tiny_setup, tmp_path, max_steps=4, stage={"learning_rate": 1e-3})
     log_dirs = list((tmp_path / "checkpoints").glob("stale-*"))
     assert len(log_dirs) == 1 and list(log_dirs[0].glob("checkpoint-*"))
     rows = csv_rows(tmp_path / "train_metrics.csv")
@@ -174,28 +185,57 @@ def test_unchanged_config_keeps_its_checkpoints(tmp_path):
     assert not (tmp_path / "checkpoint-2").exists() and list(tmp_path.glob("stale-*"))
 
 
-def test_a_second_trainer_on_the_same_run_fails_at_once_naming_the_holder(tmp_path):
-    held = pytest.raises(CheckpointLockedError, match=f"pid {os.getpid()}")
-    with exclusive_lock(tmp_path), held, exclusive_lock(tmp_path):
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from robovqa_ft.checkpoints import exclusive_lock
+with exclusive_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_trainer_on_the_same_run_fails_at_once_naming_the_holder(tiny_setup, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "checkpoints")],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with pytest.raises(CheckpointLockedError, match=f"pid {holder.pid} "):
+            run(tiny_setup, tmp_path, max_steps=2)
+        assert time.monotonic() - start < 10
+        assert not (tmp_path / "train_metrics.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_lock(tmp_path / "checkpoints"):  # released when its holder ends
         pass
-    with exclusive_lock(tmp_path):  # released when the first trainer ends
-        pass
 
 
-def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_setup, tmp_path, caplog):
-    run(tiny_setup, tmp_path, max_steps=6, save_steps=2)
-    shutil.rmtree(tmp_path / "adapter")
-    checkpoints = tmp_path / "checkpoints"
-    # The last save cut short: a file truncated, no completion marker.
-    half = checkpoints / "checkpoint-6"
-    (half / COMPLETE_MARKER).unlink()
-    optimizer = half / "optimizer.pt"
-    optimizer.write_bytes(optimizer.read_bytes()[:100])
-    assert latest_complete_checkpoint(checkpoints).name == "checkpoint-4"
+def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_setup, tmp_path):
+    reference = adapter_weights(run(tiny_setup, tmp_path / "reference", max_steps=8))
+    killed = tmp_path / "killed"
+    process = start_training(tiny_setup, killed, slow_save=0.5, max_steps=8, save_steps=2)
+    saving = killed / "checkpoints" / "checkpoint-4"
+    wait_for(saving, process)  # the folder appears as the save begins
+    time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (saving / COMPLETE_MARKER).exists(), "the kill came after the save finished"
+    assert latest_complete_checkpoint(killed / "checkpoints").name == "checkpoint-2"
 
-    with caplog.at_level("INFO"):
-        run(tiny_setup, tmp_path, max_steps=6, save_steps=2)
-    assert "Resumed from checkpoint: step=4" in caplog.text
+    resumed = start_training(tiny_setup, killed, max_steps=8, save_steps=2)
+    assert resumed.wait(timeout=300) == 0, (killed / "driver.log").read_text()
+    assert "Resumed from checkpoint: step=2" in (killed / "driver.log").read_text()
+    assert max_difference(adapter_weights(killed / "adapter"), reference) <= 1e-7
+
+
+def test_qlora_with_gradient_checkpointing_and_workers_trains(tiny_setup, tmp_path):
+    nf4 = {"quantization": "nf4", "gradient_checkpointing": True}
+    run(tiny_setup, tmp_path, model_settings=nf4, max_steps=2, dataloader_workers=1)
+    rows = csv_rows(tmp_path / "train_metrics.csv")
+    assert len(rows) == 2 and all(0 < float(r["loss"]) < 100 for r in rows)
+    assert float(rows[0]["grad_norm"]) > 0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 

@@ -1,0 +1,113 @@
+"""The run's checkpoint folder: who may write it, which checkpoints may be resumed.
+
+Kept apart from the training code (and free of torch) so that the workflow can ask
+which settings shape the weights without loading a deep-learning stack.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from robovqa_ft.files import atomic_open
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "checkpoint_complete"
+FINGERPRINT_FILE = "fingerprint.json"
+LOCK_FILE = "lock"
+
+
+class CheckpointLockedError(RuntimeError):
+    pass
+
+
+@contextmanager
+def exclusive_lock(checkpoint_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run's checkpoint folder, or fail at once saying who has it."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint_dir / LOCK_FILE, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise CheckpointLockedError(
+                f"{checkpoint_dir} is in use by another trainer ({handle.read().strip()}); "
+                "two trainers on one run would overwrite each other's checkpoints"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+        handle.flush()
+        yield
+
+
+# Settings that change how a run is watched, saved or computed, not the weights it
+# reaches: changing them must neither re-run a finished training nor throw checkpoints away.
+BOOKKEEPING = {
+    "training": {"logging_steps", "eval_steps", "eval_samples", "save_steps",
+                 "save_every_minutes", "save_total_limit", "dataloader_workers"},
+    "model": {"max_memory_gb", "attn_implementation", "gradient_checkpointing"},
+}  # fmt: skip
+
+
+def shaping_settings(section: str, values: dict) -> dict:
+    """The part of a config section that shapes the trained weights."""
+    return {k: v for k, v in values.items() if k not in BOOKKEEPING.get(section, ())}
+
+
+def fingerprint(settings: dict, inputs: list[Path | str]) -> str:
+    """A hash of the settings that shape the trained weights, and of the input files."""
+    shaping = {
+        section: shaping_settings(section, values) if isinstance(values, dict) else values
+        for section, values in settings.items()
+    }
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode())
+    for path in inputs:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+            with file.open("rb") as handle:
+                while block := handle.read(1 << 22):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_checkpoint_dir(checkpoint_dir: Path, current: str) -> None:
+    """Move checkpoints of another configuration or data aside, so they are never resumed."""
+    stored = checkpoint_dir / FINGERPRINT_FILE
+    old = json.loads(stored.read_text())["fingerprint"] if stored.exists() else None
+    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"))
+    if old != current and checkpoints:
+        aside = Path(
+            tempfile.mkdtemp(dir=checkpoint_dir, prefix=f"stale-{time.strftime('%Y%m%d-%H%M%S')}-")
+        )
+        for path in checkpoints:
+            path.rename(aside / path.name)
+        log.warning(
+            "configuration or data changed since these checkpoints were written: moved %d to %s",
+            len(checkpoints), aside,
+        )  # fmt: skip
+    with atomic_open(stored) as handle:
+        json.dump({"fingerprint": current}, handle)
+
+
+def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint whose save finished; a half-written one is never resumed."""
+    complete = [
+        path
+        for path in checkpoint_dir.glob("checkpoint-*")
+        if (path / COMPLETE_MARKER).exists() and path.name.split("-")[-1].isdigit()
+    ]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)

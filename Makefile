@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test lint format bench clean
 
+# The demo and the tests never touch the network: every model is built here.
+demo test: export HF_HUB_OFFLINE := 1
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -34,7 +34,7 @@ rule train:
     retries: 2  # a crash resumes from the newest checkpoint by itself
     conda:
         "../envs/train.yaml"
-    threads: workflow.cores
+    threads: max(2, config["training"]["dataloader_workers"] + 1)  # data workers + the loop
     resources:
         gpu=1,  # one training per GPU; the default profile has one
     # Only what shapes the weights is a param (a change re-runs training); the script

@@ -14,6 +14,7 @@ from robovqa_ft.demo_bucket import generate_demo_bucket
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+DATA = "results/data/metadata.json"  # the data half of the DAG: what these tests run
 
 
 def snakemake(*args, workdir: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -64,7 +65,7 @@ def test_dag_runs_on_a_local_bucket_given_with_config_source(tmp_path):
     bucket = tmp_path / "bucket"
     generate_demo_bucket(bucket, clips=24, shards_per_split=2, frame_size=(64, 48), bad_records=1)
     work = tmp_path / "work"
-    snakemake("--cores", "2", "--config", f"source={bucket}", "frame_size=32", workdir=work)
+    snakemake("--cores", "2", DATA, "--config", f"source={bucket}", "frame_size=32", workdir=work)
 
     data = work / "results" / "data"
     metadata = json.loads((data / "metadata.json").read_text())
@@ -93,7 +94,7 @@ def test_dag_runs_on_a_local_bucket_given_with_config_source(tmp_path):
     assert len(ids["stage2", "val"]) == round(0.1 * 24)
     assert not list((bucket).rglob("*.jsonl")), "a local source is used in place, not written to"
 
-    again = snakemake("--cores", "2", "--config", f"source={bucket}", "frame_size=32",
+    again = snakemake("--cores", "2", DATA, "--config", f"source={bucket}", "frame_size=32",
                       workdir=work)  # fmt: skip
     assert "Nothing to be done" in again.stdout + again.stderr
     graph = snakemake("--rulegraph", "--config", f"source={bucket}", workdir=work).stdout
@@ -104,7 +105,7 @@ def test_dag_runs_on_a_local_bucket_given_with_config_source(tmp_path):
     time.sleep(1)  # a later time stamp on the folder
     copied = bucket / "val" / "val-00000-of-00002.tfrecord"
     shutil.copyfile(copied, bucket / "val" / "val-copy")
-    rerun = snakemake("--cores", "2", "--config", f"source={bucket}", "frame_size=32",
+    rerun = snakemake("--cores", "2", DATA, "--config", f"source={bucket}", "frame_size=32",
                       workdir=work)  # fmt: skip
     log = rerun.stdout + rerun.stderr
     assert "download" in log and log.count("rule extract_frames:") == 1, log

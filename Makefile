@@ -18,9 +18,11 @@ demo: $(STAMP)
 	$(BIN)/snakemake --cores 2 --directory demo --configfile config/demo.yaml
 	@echo
 	@$(BIN)/python -m robovqa_ft.jsonl demo/results/data/metadata.json
-	@$(BIN)/python -m robovqa_ft.report demo/results/stage1 demo/results/stage2 demo/results/stage2_only
-	@echo "Demo results in demo/results/: data/ (frames, JSONL, metadata.json),"
-	@echo "  stage1/, stage2/, stage2_only/ (adapter/, train_metrics.csv, eval_metrics.csv, training.log)"
+	@echo
+	@cat demo/results/ablation/report.md
+	@echo
+	@echo "Demo results in demo/results/: data/ (frames, JSONL, metadata.json); stage1/, stage2/,"
+	@echo "  stage2_only/ (adapter/, metrics, eval.json, predictions.jsonl); base/; ablation/ (report)"
 
 # TensorFlow and torch must not share a process: one pytest run each.
 test: $(STAMP)

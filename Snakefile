@@ -1,6 +1,6 @@
 # Fine-tune a vision-language model on RoboVQA with a two-stage curriculum.
 # The DAG: download -> extract_frames (one job per shard) -> build_jsonl
-#   -> train (stage1 -> stage2, and the stage2_only ablation).
+#   -> train (stage1 -> stage2, and the stage2_only ablation) -> evaluate -> ablation_report.
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -18,9 +18,10 @@ include: "rules/download.smk"
 include: "rules/frames.smk"
 include: "rules/jsonl.smk"
 include: "rules/train.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:
     default_target: True
     input:
-        expand("results/{run}/adapter", run=RUNS),
+        rules.ablation_report.output,

@@ -34,10 +34,10 @@ def frame_indices(total: int, count: int) -> list[int]:
     return [int(i) for i in np.linspace(0, total - 1, count).round()]
 
 
-def chat_messages(row: dict, frame_content: list[dict], turns: int | None = None) -> list[dict]:
+def chat_messages(row: dict, frame_content: list[dict]) -> list[dict]:
     """The row's conversation as chat messages; the frames open the first human turn."""
     messages = []
-    for i, turn in enumerate(row["conversations"][: None if turns is None else 2 * turns]):
+    for i, turn in enumerate(row["conversations"]):
         role = "user" if turn["from"] == "human" else "assistant"
         content = [{"type": "text", "text": turn["value"]}]
         if i == 0:
@@ -96,13 +96,7 @@ class SampleBuilder:
 
         `dropped_turns` counts the question/answer pairs cut to fit `max_seq_len`.
         """
-        frames = self.frames(row)
-        frame_content = self.family.frame_content(len(frames))
-        text = self.processor.apply_chat_template(chat_messages(row, frame_content), tokenize=False)
-        inputs = self.processor(
-            text=[text], images=[frames], return_tensors="pt",
-            **self.family.processor_kwargs,
-        )  # fmt: skip
+        inputs = self._inputs(row, turns=None)
         ids = inputs["input_ids"][0].tolist()
         spans = assistant_spans(ids, self.header, self.end)
         fitting = [span for span in spans if span[1] <= self.max_seq_len]
@@ -118,6 +112,28 @@ class SampleBuilder:
         sample["labels"] = labels[:stop]
         sample["dropped_turns"] = len(spans) - len(fitting)
         return sample
+
+    def encode_prompt(self, row: dict) -> dict[str, Any]:
+        """Model inputs that ask the row's first question and leave the answer to generate."""
+        inputs = self._inputs(row, turns=0)
+        shape = inputs["input_ids"].shape
+        return {k: v[0] if v.shape == shape else v for k, v in inputs.items()} | {
+            "dropped_turns": 0
+        }
+
+    def _inputs(self, row: dict, turns: int | None) -> dict[str, torch.Tensor]:
+        """Processor output for the whole conversation, or (turns=0) its first question
+        followed by the assistant header."""
+        frames = self.frames(row)
+        messages = chat_messages(row, self.family.frame_content(len(frames)))
+        if turns == 0:
+            messages = messages[:1]
+        text = self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=turns == 0
+        )
+        return self.processor(
+            text=[text], images=[frames], return_tensors="pt", **self.family.processor_kwargs
+        )
 
 
 class JsonlDataset(Dataset):
@@ -147,8 +163,9 @@ class JsonlDataset(Dataset):
         return self.builder.encode(self.row(index))
 
 
-def pad_batch(samples: list[dict | None], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad token sequences; concatenate the visual inputs (tiles in prompt order)."""
+def pad_batch(samples: list[dict | None], pad_token_id: int, side: str = "right") -> dict[str, Any]:
+    """Pad token sequences (right for training, left for generation); concatenate the
+    visual inputs (tiles in prompt order)."""
     given = len(samples)
     samples = [s for s in samples if s is not None]
     if not samples:
@@ -161,10 +178,15 @@ def pad_batch(samples: list[dict | None], pad_token_id: int) -> dict[str, Any]:
             continue
         if first.dim() == 1:  # per token
             value = pad_values.get(key, 0)
+            widths = [(0, length - len(s[key])) for s in samples]
+            if side == "left":
+                widths = [(w[1], 0) for w in widths]
             batch[key] = torch.stack(
-                [torch.nn.functional.pad(s[key], (0, length - len(s[key])), value=value)
-                 for s in samples]
-            )  # fmt: skip
+                [
+                    torch.nn.functional.pad(s[key], w, value=value)
+                    for s, w in zip(samples, widths, strict=True)
+                ]
+            )
         else:
             batch[key] = torch.cat([s[key] for s in samples])
     batch["dropped_turns"] = torch.tensor(sum(s["dropped_turns"] for s in samples))

@@ -39,7 +39,7 @@ RUNS = ("stage1", "stage2", "stage2_only")
 
 
 wildcard_constraints:
-    run="|".join(RUNS),
+    run="|".join(("base", *RUNS)),
 
 
 def model_settings():
@@ -64,4 +64,20 @@ def training_inputs(wildcards):
         inputs["model"] = TINY_MODEL
     if wildcards.run == "stage2":
         inputs["init_adapter"] = "results/stage1/adapter"
+    return inputs
+
+
+EVAL_RUNS = ("base", *RUNS)
+
+
+def evaluation_inputs(wildcards):
+    inputs = {
+        "stage1_val": JSONL_OUTPUTS["stage1_val"],
+        "stage2_val": JSONL_OUTPUTS["stage2_val"],
+        "metadata": "results/data/metadata.json",
+    }
+    if config["model"]["name"] == "tiny":
+        inputs["model"] = TINY_MODEL
+    if wildcards.run != "base":
+        inputs["adapter"] = f"results/{wildcards.run}/adapter"
     return inputs

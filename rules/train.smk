@@ -31,6 +31,8 @@ rule train:
         "logs/train/{run}.log",
     benchmark:
         "benchmarks/train/{run}.tsv"
+    wildcard_constraints:
+        run="|".join(RUNS),
     retries: 2  # a crash resumes from the newest checkpoint by itself
     conda:
         "../envs/train.yaml"

@@ -43,13 +43,13 @@ def tiny_setup(tmp_path_factory) -> dict:
                 ("Q: what just happened?", "pick up the cup"),
             ]
             turns = [[{"from": "human", "value": q}, {"from": "gpt", "value": a}] for q, a in pairs]
-            for k, pair in enumerate(turns):
-                stage1.append(
-                    {"id": f"{vid}-{k}", "video_id": vid, "images": images, "conversations": pair}
-                )
-            stage2.append(
-                {"id": vid, "video_id": vid, "images": images, "conversations": sum(turns, [])}
-            )
+            kinds = [("success", "yes_no"), ("past_description", "freeform")]
+            for k, (pair, (task, answer_type)) in enumerate(zip(turns, kinds, strict=True)):
+                row = {"id": f"{vid}-{k}", "video_id": vid, "images": images}
+                stage1.append({**row, "task": task, "answer_type": answer_type,
+                               "conversations": pair})  # fmt: skip
+            stage2.append({"id": vid, "video_id": vid, "images": images, "task": "multi",
+                           "conversations": sum(turns, [])})  # fmt: skip
         for stage, rows in (("stage1", stage1), ("stage2", stage2)):
             path = root / stage / f"{split}.jsonl"
             path.parent.mkdir(exist_ok=True)

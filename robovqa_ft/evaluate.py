@@ -1,0 +1,242 @@
+"""Evaluate one run (or the untrained base model): val loss and perplexity on both stages'
+val sets, and answers to a fixed, family-stratified sample of val questions.
+
+Never trains and never touches a checkpoint. Scores: yes/no questions by accuracy after
+normalization (with the invalid rate, and the same accuracy with blank frames, which a
+model that looks at the pixels must beat); free-form answers by sacrebleu's sentence BLEU
+(prediction as hypothesis, reference as the one reference, default settings) and exact
+match after normalization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import string
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import sacrebleu
+import torch
+from peft import PeftModel
+from torch.utils.data import DataLoader
+
+from robovqa_ft.files import atomic_open, write_json_atomic
+from robovqa_ft.model import load_model, load_processor, model_family
+from robovqa_ft.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder, pad_batch
+
+log = logging.getLogger(__name__)
+
+LOSS_REDUCTION = (
+    "token-level mean: the summed cross-entropy of every assistant token (the answers and "
+    "their end-of-turn token, as in training) divided by their number, over all samples"
+)
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+# --- scoring -------------------------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    """Lowercase, punctuation removed, whitespace collapsed."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def yes_no(text: str) -> str | None:
+    """The first `yes` or `no` word of the normalized answer, or None (an invalid answer)."""
+    return next((word for word in normalize(text).split() if word in ("yes", "no")), None)
+
+
+def sentence_bleu(prediction: str, reference: str) -> float:
+    return sacrebleu.sentence_bleu(prediction, [reference]).score
+
+
+def score_group(row: dict) -> str:
+    """What a question is scored as: its family, with affordance split by answer type."""
+    if row["task"] == "affordance":
+        discriminative = row.get("answer_type") == "yes_no"
+        return "affordance_discriminative" if discriminative else "affordance_generative"
+    return row["task"]
+
+
+def score_predictions(predictions: list[dict]) -> dict:
+    """Per score group and macro-averaged: accuracy (yes/no) or BLEU and exact match."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for p in predictions:
+        groups[p["group"]].append(p)
+    scores = {}
+    for group, items in sorted(groups.items()):
+        if items[0]["answer_type"] == "yes_no":
+            said = [yes_no(p["prediction"]) for p in items]
+            blank = [yes_no(p["blank_frames_prediction"]) for p in items]
+            scores[group] = {
+                "n": len(items),
+                "accuracy": _mean([s == p["reference"] for s, p in zip(said, items, strict=True)]),
+                "invalid_rate": _mean([s is None for s in said]),
+                "blank_frames_accuracy": _mean(
+                    [b == p["reference"] for b, p in zip(blank, items, strict=True)]
+                ),
+            }
+        else:
+            scores[group] = {
+                "n": len(items),
+                "bleu": _mean([sentence_bleu(p["prediction"], p["reference"]) for p in items]),
+                "exact_match": _mean(
+                    [normalize(p["prediction"]) == normalize(p["reference"]) for p in items]
+                ),
+            }
+    yes_no_groups = [s for s in scores.values() if "accuracy" in s]
+    free_groups = [s for s in scores.values() if "bleu" in s]
+    macro = {
+        "yes_no_accuracy": _mean([s["accuracy"] for s in yes_no_groups]),
+        "blank_frames_yes_no_accuracy": _mean([s["blank_frames_accuracy"] for s in yes_no_groups]),
+        "bleu": _mean([s["bleu"] for s in free_groups]),
+        "exact_match": _mean([s["exact_match"] for s in free_groups]),
+    }
+    return {"groups": scores, "macro": macro}
+
+
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# --- what is evaluated ---------------------------------------------------------------------
+
+
+def answer_sample(val_jsonl: Path | str, per_group: int, seed: int) -> list[dict]:
+    """Up to `per_group` val questions of each score group, chosen by a seeded hash of their
+    id: the same questions for every run."""
+    by_group: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+    with open(val_jsonl, encoding="utf-8") as lines:
+        for line in lines:
+            row = json.loads(line)
+            key = hashlib.sha256(f"{seed}:answers:{row['id']}".encode()).hexdigest()
+            by_group[score_group(row)].append((key, row))
+    return [row for group in sorted(by_group) for _, row in sorted(by_group[group])[:per_group]]
+
+
+def val_loss(model: Any, dataset: JsonlDataset, batch_size: int, pad_id: int) -> dict:
+    """Loss and perplexity with the model's own (training) loss function, summed per token."""
+    collate = partial(pad_batch, pad_token_id=pad_id)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    total, tokens, samples = 0.0, 0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for batch in loader:
+            batch = _model_inputs(batch, device)
+            samples += len(batch["input_ids"])
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            # num_items_in_batch=1 makes the loss function return its sum, not its mean.
+            total += float(model(**batch, num_items_in_batch=torch.tensor(1, device=device)).loss)
+            tokens += count
+    loss = total / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "samples": samples, "tokens": tokens,
+            "reduction": LOSS_REDUCTION}  # fmt: skip
+
+
+def generate_answers(
+    model: Any, builder: SampleBuilder, rows: list[dict], batch_size: int, max_new_tokens: int
+) -> list[str]:
+    """Greedy answers to each row's first question, in batches (left-padded prompts)."""
+    tokenizer = builder.processor.tokenizer
+    device = next(model.parameters()).device
+    answers = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = pad_batch([builder.encode_prompt(r) for r in rows[start : start + batch_size]],
+                              tokenizer.pad_token_id, side="left")  # fmt: skip
+            batch = _model_inputs(batch, device)
+            output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=builder.end)  # the end of the turn  # fmt: skip
+            new = output[:, batch["input_ids"].shape[1] :]
+            answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return answers
+
+
+def _model_inputs(batch: dict, device: torch.device) -> dict:
+    """The batch without the collator's counters, on the model's device."""
+    return {
+        k: v.to(device) for k, v in batch.items() if k not in ("dropped_turns", "skipped_samples")
+    }
+
+
+def evaluate_run(
+    adapter_dir: Path | str | None,
+    val_jsonl: dict[str, Path | str],
+    images_dir: Path | str,
+    eval_path: Path | str,
+    predictions_path: Path | str,
+    model: dict,
+    stages: dict[str, dict],
+    evaluation: dict,
+    run: str,
+) -> dict:
+    """Write `eval.json` and `predictions.jsonl` for one run; `adapter_dir` None is the base.
+
+    `val_jsonl` maps "stage1"/"stage2" to their val files; `stages` holds the stage config
+    sections (frames and sequence length, as in training); `evaluation` the eval section.
+    """
+    started = time.monotonic()
+    torch.manual_seed(evaluation["seed"])
+    processor = load_processor(model["name"])
+    family = model_family(model["name"])
+    net = load_model(model["name"], model["quantization"], model["dtype"],
+                     model["attn_implementation"], False, model.get("max_memory_gb"),
+                     for_training=False)  # fmt: skip
+    if adapter_dir is not None:
+        net = PeftModel.from_pretrained(net, str(adapter_dir))
+    net.eval()
+    pad_id = processor.tokenizer.pad_token_id
+    batch_size = evaluation["batch_size"]
+
+    losses = {}
+    for stage, path in val_jsonl.items():
+        builder = SampleBuilder(processor, family, images_dir, stages[stage]["max_frames"],
+                                stages[stage]["max_seq_len"])  # fmt: skip
+        dataset = JsonlDataset(path, builder, limit=evaluation["loss_samples"])
+        losses[f"{stage}_val"] = val_loss(net, dataset, batch_size, pad_id)
+        log.info("%s %s val loss %.4f", run, stage, losses[f"{stage}_val"]["loss"])
+
+    rows = answer_sample(val_jsonl["stage1"], evaluation["answers_per_family"], evaluation["seed"])
+    frames, max_len = stages["stage1"]["max_frames"], stages["stage1"]["max_seq_len"]
+    seen = SampleBuilder(processor, family, images_dir, frames, max_len)
+    blank = SampleBuilder(processor, family, images_dir, frames, max_len, blank_frames=True)
+    said = generate_answers(net, seen, rows, batch_size, evaluation["max_new_tokens"])
+    yes_no_rows = [r for r in rows if r.get("answer_type") == "yes_no"]
+    blank_said = dict(zip([r["id"] for r in yes_no_rows],
+                          generate_answers(net, blank, yes_no_rows, batch_size,
+                                           evaluation["max_new_tokens"]), strict=True))  # fmt: skip
+    predictions = [
+        {"id": r["id"], "group": score_group(r), "family": r["task"],
+         "answer_type": r.get("answer_type", "freeform"),
+         "question": r["conversations"][0]["value"], "reference": r["conversations"][1]["value"],
+         "prediction": p, "blank_frames_prediction": blank_said.get(r["id"])}
+        for r, p in zip(rows, said, strict=True)
+    ]  # fmt: skip
+    with atomic_open(predictions_path) as handle:
+        for p in predictions:
+            handle.write(json.dumps(p, ensure_ascii=False) + "\n")
+    result = {
+        "run": run,
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "model": model["name"],
+        "loss": losses,
+        "answers": {
+            "questions": len(rows),
+            "from": "stage-1 val questions, the first question of each line",
+            "frames": frames,
+            "prompt": "the training prompt: frames as `FrameN: <image>`, then the question",
+            "decoding": f"greedy, at most {evaluation['max_new_tokens']} new tokens",
+            **score_predictions(predictions),
+        },
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }
+    write_json_atomic(eval_path, result)
+    return result

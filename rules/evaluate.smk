@@ -1,0 +1,58 @@
+# Every trained run, and the untrained base model as a reference row.
+
+
+rule evaluate:
+    input:
+        unpack(evaluation_inputs),
+    output:
+        eval="results/{run}/eval.json",
+        predictions="results/{run}/predictions.jsonl",
+    log:
+        "logs/evaluate/{run}.log",
+    benchmark:
+        "benchmarks/evaluate/{run}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        images_dir="results/data/images",
+        model=model_settings(),
+        stages={"stage1": config["stage1"], "stage2": config["stage2"]},
+        evaluation=config["evaluation"],
+    script:
+        "../workflow_scripts/evaluate.py"
+
+
+# `snakemake ablation_report`: the curriculum against stage-2-only, base model beside.
+rule ablation_report:
+    input:
+        evals=expand("results/{run}/eval.json", run=EVAL_RUNS),
+        metadata="results/data/metadata.json",
+    output:
+        report="results/ablation/report.md",
+        table="results/ablation/table.csv",
+        curves="results/ablation/loss_curves.png",
+        scores="results/ablation/scores.png",
+    log:
+        "logs/ablation_report/ablation_report.log",
+    conda:
+        "../envs/train.yaml"
+    params:
+        settings={
+            key: config[key]
+            for key in (
+                "source",
+                "model",
+                "lora",
+                "training",
+                "stage1",
+                "stage2",
+                "evaluation",
+            )
+        },
+        runs=EVAL_RUNS,
+        timings={run: f"benchmarks/train/{run}.tsv" for run in RUNS},
+    script:
+        "../workflow_scripts/ablation_report.py"

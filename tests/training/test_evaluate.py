@@ -1,0 +1,154 @@
+import json
+import math
+
+import pytest
+import sacrebleu
+from training_helpers import run_settings
+
+from robovqa_ft.evaluate import (
+    answer_sample,
+    evaluate_run,
+    normalize,
+    score_predictions,
+    sentence_bleu,
+    val_loss,
+    yes_no,
+)
+from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
+from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch
+from robovqa_ft.train import train_run
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("Yes.", "yes"),
+        ("yes", "yes"),
+        ("NO!", "no"),
+        ("no, it is not", "no"),
+        ("well... yes, it is", "yes"),
+        ("not sure", None),
+        ("", None),
+        ("nono", None),  # not the word "no"
+        ("yesterday", None),
+    ],
+)
+def test_yes_no_normalization(answer, expected):
+    assert yes_no(answer) == expected
+
+
+def test_normalize_lowercases_strips_punctuation_and_spaces():
+    assert normalize("  Put the Cup, on shelf A: top! ") == "put the cup on shelf a top"
+
+
+def test_bleu_is_sacrebleus_own_sentence_bleu_with_prediction_as_hypothesis():
+    prediction, reference = "put the red cup in the bin", "put the red block in the bin"
+    expected = sacrebleu.sentence_bleu(prediction, [reference]).score
+    assert sentence_bleu(prediction, reference) == expected
+    assert 0 < expected < 100
+    # the order matters (brevity penalty): swapping would give another number
+    assert sentence_bleu("put the cup", "put the red cup in the bin") != sentence_bleu(
+        "put the red cup in the bin", "put the cup"
+    )
+
+
+def prediction(group, reference, said, blank=None, answer_type="freeform"):
+    return {"group": group, "answer_type": answer_type, "reference": reference,
+            "prediction": said, "blank_frames_prediction": blank}  # fmt: skip
+
+
+def test_perfect_and_empty_predictions_score_at_the_extremes():
+    perfect = score_predictions([
+        prediction("success", "yes", "Yes.", "no", "yes_no"),
+        prediction("success", "no", "no", "no", "yes_no"),
+        prediction("planning", "put the cup in the bin", "put the cup in the bin"),
+    ])  # fmt: skip
+    assert perfect["groups"]["success"] == {
+        "n": 2, "accuracy": 1.0, "invalid_rate": 0.0, "blank_frames_accuracy": 0.5,
+    }  # fmt: skip
+    assert perfect["groups"]["planning"]["bleu"] == pytest.approx(100)
+    assert perfect["groups"]["planning"]["exact_match"] == 1.0
+
+    empty = score_predictions([
+        prediction("success", "yes", "", "", "yes_no"),
+        prediction("planning", "put the cup in the bin", ""),
+    ])  # fmt: skip
+    assert empty["groups"]["success"]["accuracy"] == 0.0
+    assert empty["groups"]["success"]["invalid_rate"] == 1.0
+    assert empty["groups"]["planning"] == {"n": 1, "bleu": 0.0, "exact_match": 0.0}
+    assert empty["macro"]["yes_no_accuracy"] == 0.0 and empty["macro"]["bleu"] == 0.0
+
+
+def test_macro_average_weighs_each_group_equally():
+    scores = score_predictions([
+        prediction("success", "yes", "yes", "yes", "yes_no"),
+        prediction("affordance_discriminative", "yes", "no", "no", "yes_no"),
+        prediction("affordance_discriminative", "no", "no", "no", "yes_no"),
+        prediction("affordance_discriminative", "no", "no", "no", "yes_no"),
+    ])  # fmt: skip
+    assert scores["macro"]["yes_no_accuracy"] == pytest.approx((1.0 + 2 / 3) / 2)
+
+
+def test_answer_sample_is_stratified_and_the_same_for_every_run(tiny_setup):
+    first = answer_sample(tiny_setup["stage1_val"], per_group=3, seed=0)
+    assert first == answer_sample(tiny_setup["stage1_val"], per_group=3, seed=0)
+    groups = [r["task"] for r in first]
+    assert len(first) == 6 and sorted(set(groups)) == ["past_description", "success"]
+    assert answer_sample(tiny_setup["stage1_val"], per_group=3, seed=1) != first
+
+
+def test_val_loss_is_the_token_mean_of_the_training_loss(tiny_setup):
+    model = load_model(tiny_setup["model"], "none", "float32", "sdpa", False, for_training=False)
+    model = attach_lora(model, 8, 16, 0.0).eval()
+    processor = load_processor(tiny_setup["model"])
+    builder = SampleBuilder(
+        processor, model_family(tiny_setup["model"]), tiny_setup["images"], 4, 512
+    )
+    dataset = JsonlDataset(tiny_setup["stage2_val"], builder, limit=6)
+    pad = processor.tokenizer.pad_token_id
+    result = val_loss(model, dataset, batch_size=4, pad_id=pad)
+
+    # by hand: each sample's mean loss (what training computes) weighted by its tokens
+    total = tokens = 0
+    for i in range(len(dataset)):
+        batch = pad_batch([dataset[i]], pad)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        inputs = {k: v for k, v in batch.items() if k not in ("dropped_turns", "skipped_samples")}
+        total += float(model(**inputs).loss) * n
+        tokens += n
+    assert result["tokens"] == tokens and result["samples"] == 6
+    assert result["loss"] == pytest.approx(total / tokens, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert "token-level mean" in result["reduction"]
+
+
+def test_eval_of_a_fixed_adapter_gives_the_same_numbers_twice(tiny_setup, tmp_path):
+    settings = run_settings(tiny_setup["model"], max_steps=3)
+    adapter = train_run(
+        train_jsonl=tiny_setup["stage1_train"], val_jsonl=tiny_setup["stage1_val"],
+        images_dir=tiny_setup["images"], adapter_dir=tmp_path / "adapter", run_dir=tmp_path,
+        checkpoint_dir=tmp_path / "checkpoints", **settings,
+    )  # fmt: skip
+    stages = {"stage1": settings["stage"], "stage2": settings["stage"]}
+    evaluation = {"seed": 0, "batch_size": 4, "loss_samples": 8, "answers_per_family": 3,
+                  "max_new_tokens": 6}  # fmt: skip
+    results = []
+    for attempt in ("a", "b"):
+        result = evaluate_run(
+            adapter_dir=adapter, images_dir=tiny_setup["images"],
+            val_jsonl={"stage1": tiny_setup["stage1_val"], "stage2": tiny_setup["stage2_val"]},
+            eval_path=tmp_path / attempt / "eval.json",
+            predictions_path=tmp_path / attempt / "predictions.jsonl",
+            model=settings["model"], stages=stages, evaluation=evaluation, run="stage1",
+        )  # fmt: skip
+        result.pop("wall_seconds")
+        results.append(result)
+    assert results[0] == results[1]
+    assert set(results[0]["loss"]) == {"stage1_val", "stage2_val"}
+    predictions = (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 6
+    row = json.loads(predictions[0])
+    assert {"question", "reference", "prediction", "family"} <= set(row)
+    assert (tmp_path / "a" / "predictions.jsonl").read_text() == (
+        tmp_path / "b" / "predictions.jsonl"
+    ).read_text()

@@ -1,0 +1,17 @@
+"""Snakemake adapter: evaluate one run (or the base model) on both val sets."""
+
+from robovqa_ft.evaluate import evaluate_run
+from robovqa_ft.logs import log_to
+
+with log_to(snakemake.log[0]):
+    evaluate_run(
+        adapter_dir=snakemake.input.get("adapter"),
+        val_jsonl={"stage1": snakemake.input.stage1_val, "stage2": snakemake.input.stage2_val},
+        images_dir=snakemake.params.images_dir,
+        eval_path=snakemake.output.eval,
+        predictions_path=snakemake.output.predictions,
+        model=snakemake.params.model,
+        stages=snakemake.params.stages,
+        evaluation=snakemake.params.evaluation,
+        run=snakemake.wildcards.run,
+    )

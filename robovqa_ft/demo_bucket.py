@@ -57,7 +57,7 @@ def random_clip(rng: random.Random) -> DemoClip:
 
 
 def clip_text(clip: DemoClip, rng: random.Random) -> str:
-    """Two to seven QA blocks over all ten tags; no answer is implied by another's."""
+    """Two to five QA blocks over all ten tags; no answer is implied by another's."""
     goal = f"please {clip.instruction} and close the drawer"
     history = f"current goal is: {goal}. last 20 steps: 1- open the drawer 2- look at the table"
     success_tag = f"success:discrete:{clip.success}"
@@ -84,7 +84,7 @@ def clip_text(clip: DemoClip, rng: random.Random) -> str:
     # Each yes/no question once in every clip: plenty to learn from, and no earlier turn
     # of a conversation gives a later answer away. Free-form tags may repeat.
     yes_no, freeform = blocks[3:5], blocks[:3] + blocks[5:]
-    chosen = [*yes_no, *rng.choices(freeform, k=rng.randint(0, 5))]
+    chosen = [*yes_no, *rng.choices(freeform, k=rng.randint(0, 3))]
     rng.shuffle(chosen)
     return "".join(chosen)
 

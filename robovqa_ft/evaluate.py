@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import platform
 import re
 import string
 import time
@@ -75,8 +77,11 @@ def score_predictions(predictions: list[dict]) -> dict:
         if items[0]["answer_type"] == "yes_no":
             said = [yes_no(p["prediction"]) for p in items]
             blank = [yes_no(p["blank_frames_prediction"]) for p in items]
+            yes_share = _mean([p["reference"] == "yes" for p in items])
             scores[group] = {
                 "n": len(items),
+                # what always giving the commoner answer would score: the floor to beat
+                "majority_rate": max(yes_share, 1 - yes_share),
                 "accuracy": _mean([s == p["reference"] for s, p in zip(said, items, strict=True)]),
                 "invalid_rate": _mean([s is None for s in said]),
                 "blank_frames_accuracy": _mean(
@@ -96,6 +101,7 @@ def score_predictions(predictions: list[dict]) -> dict:
     macro = {
         "yes_no_accuracy": _mean([s["accuracy"] for s in yes_no_groups]),
         "blank_frames_yes_no_accuracy": _mean([s["blank_frames_accuracy"] for s in yes_no_groups]),
+        "yes_no_majority_rate": _mean([s["majority_rate"] for s in yes_no_groups]),
         "bleu": _mean([s["bleu"] for s in free_groups]),
         "exact_match": _mean([s["exact_match"] for s in free_groups]),
     }
@@ -146,6 +152,8 @@ def generate_answers(
     """Greedy answers to each row's first question, in batches (left-padded prompts)."""
     tokenizer = builder.processor.tokenizer
     device = next(model.parameters()).device
+    # the end of the assistant turn, and whatever else the model stops on
+    stops = sorted({builder.end, tokenizer.eos_token_id} - {None})
     answers = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
@@ -154,10 +162,16 @@ def generate_answers(
             batch = _model_inputs(batch, device)
             output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                                     pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=builder.end)  # the end of the turn  # fmt: skip
+                                    eos_token_id=stops)  # fmt: skip
             new = output[:, batch["input_ids"].shape[1] :]
             answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return answers
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (GPU)"
+    return f"CPU only ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _model_inputs(batch: dict, device: torch.device) -> dict:
@@ -188,8 +202,7 @@ def evaluate_run(
     processor = load_processor(model["name"])
     family = model_family(model["name"])
     net = load_model(model["name"], model["quantization"], model["dtype"],
-                     model["attn_implementation"], False, model.get("max_memory_gb"),
-                     for_training=False)  # fmt: skip
+                     model["attn_implementation"], False, model.get("max_memory_gb"))  # fmt: skip
     if adapter_dir is not None:
         net = PeftModel.from_pretrained(net, str(adapter_dir))
     net.eval()
@@ -236,6 +249,7 @@ def evaluate_run(
             "decoding": f"greedy, at most {evaluation['max_new_tokens']} new tokens",
             **score_predictions(predictions),
         },
+        "hardware": hardware(),
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     write_json_atomic(eval_path, result)

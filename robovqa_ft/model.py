@@ -76,7 +76,6 @@ def load_model(
     attn_implementation: str,
     gradient_checkpointing: bool,
     max_memory_gb: float | None = None,
-    for_training: bool = True,
 ) -> Any:
     """The base model, frozen, on the GPU if there is one, ready for LoRA.
 
@@ -105,7 +104,8 @@ def load_model(
             torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gb * 2**30 / total))
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     model.requires_grad_(False)
-    if quantization == "nf4" and for_training:
+    if quantization == "nf4":
+        # Also for evaluation: it sets the precision of the unquantized parts.
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,

@@ -7,7 +7,6 @@ plots. Pure reading and arithmetic: no model is loaded here.
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
 import matplotlib
@@ -72,7 +71,10 @@ def answer_table(evals: dict[str, dict]) -> pd.DataFrame:
                     "blank_frames_yes_no_accuracy"
                 ]
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    # stage-2-only minus curriculum, in the metric's own units (accuracy or BLEU points)
+    table["delta"] = table["stage2_only"] - table["curriculum"]
+    return table
 
 
 def render_loss_table(table: pd.DataFrame) -> str:
@@ -90,7 +92,8 @@ def render_loss_table(table: pd.DataFrame) -> str:
 
 def render_answer_table(table: pd.DataFrame) -> str:
     labels = list(COLUMNS)
-    lines = ["| group | metric | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    header = " | ".join(labels) + " | Δ (stage-2-only − curriculum)"
+    lines = [f"| group | metric | {header} |", "|---|---|" + "---|" * (len(labels) + 1)]
     for _, r in table.iterrows():
         cells = []
         for label in labels:
@@ -102,6 +105,13 @@ def render_answer_table(table: pd.DataFrame) -> str:
                 cells.append(f"{value:.1%} (blank frames {blank:.1%})")
             else:
                 cells.append(f"{value:.1f}")
+        delta = r.get("delta")
+        if delta is None or pd.isna(delta):
+            cells.append("–")
+        elif r["metric"] == "accuracy":
+            cells.append(f"{delta * 100:+.1f} pts")
+        else:
+            cells.append(f"{delta:+.1f}")
         lines.append(f"| {r['group']} | {r['metric']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -125,15 +135,18 @@ def plot_loss_curves(run_dirs: dict[str, Path], path: Path) -> None:
     plt.close(figure)
 
 
-def plot_scores(table: pd.DataFrame, path: Path) -> None:
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+def plot_scores(table: pd.DataFrame, path: Path, majority: float | None) -> None:
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for axis, metric in zip(axes, ("accuracy", "BLEU"), strict=True):
-        part = table[table["metric"] == metric].set_index("group")[list(COLUMNS)]
+        columns = list(COLUMNS)
+        if metric == "accuracy":  # the control beside the real thing
+            columns += ["curriculum_blank_frames"]
+        part = table[table["metric"] == metric].set_index("group")[columns]
         part.plot.bar(ax=axis, rot=30)
         axis.set_title(f"{metric} per group" + (" (yes/no)" if metric == "accuracy" else ""))
-        if metric == "accuracy":
-            axis.axhline(0.5, color="grey", linestyle=":", label="chance")
-        axis.legend(fontsize=8)
+        if metric == "accuracy" and majority is not None:
+            axis.axhline(majority, color="grey", linestyle=":", label="majority answer")
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -167,29 +180,22 @@ def conditions(
             f"{s['epochs']} epochs"
         )
     for run, folder in run_dirs.items():
-        train = _csv(folder / "train_metrics.csv")
-        steps = int(train["step"].iloc[-1]) if not train.empty else 0
+        logged = [_csv(folder / name) for name in ("train_metrics.csv", "eval_metrics.csv")]
+        steps = max((int(t["step"].max()) for t in logged if not t.empty), default=0)
         seconds = _benchmark_seconds(timings.get(run))
         timing = f"{seconds / 60:.1f} min training" if seconds is not None else "time unknown"
         lines.append(f"- {run}: {steps} steps, {timing}, eval {evals[run]['wall_seconds']} s")
     lines.append(f"- base: eval {evals['base']['wall_seconds']} s")
     lines.append(f"- seeds: training {settings['training']['seed']}, "
                  f"evaluation {settings['evaluation']['seed']}")  # fmt: skip
-    lines.append(f"- hardware: {hardware()}")
+    machines = sorted({e.get("hardware", "unknown") for e in evals.values()})
+    lines.append(f"- hardware (evaluation): {', '.join(machines)}")
     answers = evals["stage2"]["answers"]
     lines.append(f"- answers: {answers['questions']} {answers['from']}, {answers['frames']} "
                  f"frames, {answers['decoding']}")  # fmt: skip
     if demo:
         lines.insert(0, DEMO_NOTE)
     return lines
-
-
-def hardware() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (GPU)"
-    return f"CPU only ({platform.machine()}, {__import__('os').cpu_count()} cores)"
 
 
 def _benchmark_seconds(path: Path | None) -> float | None:
@@ -216,7 +222,8 @@ def write_report(
         out["table"], index=False
     )
     plot_loss_curves(run_dirs, out["curves"])
-    plot_scores(answers, out["scores"])
+    majority = evals["stage2"]["answers"]["macro"].get("yes_no_majority_rate")
+    plot_scores(answers, out["scores"], majority)
     lines = conditions(
         run_dirs, metadata, settings, evals, {k: Path(v) for k, v in (timings or {}).items()}
     )
@@ -232,8 +239,10 @@ def write_report(
         "## Answers per task family\n\n" + render_answer_table(answers)
         + "\n\nYes/no groups: accuracy after normalization (first yes/no word, else invalid), "
           "with the same questions on blank frames beside it; free-form groups: sacrebleu "
-          "sentence BLEU (prediction vs the one reference, default settings). Chance on "
-          "yes/no is about 50%.",
+          "sentence BLEU (prediction vs the one reference, default settings). Always giving "
+          "the commoner answer would score "
+          + (f"{majority:.1%}" if majority is not None else "an unknown share")
+          + " on these yes/no questions: the floor to beat.",
         "## Conditions\n\n" + "\n".join(lines),
         f"![loss curves]({out['curves'].name})\n\n![scores]({out['scores'].name})",
     ])  # fmt: skip

@@ -3,11 +3,13 @@ import math
 
 import pytest
 import sacrebleu
+from peft import PeftModel
 from training_helpers import run_settings
 
 from robovqa_ft.evaluate import (
     answer_sample,
     evaluate_run,
+    generate_answers,
     normalize,
     score_predictions,
     sentence_bleu,
@@ -64,7 +66,8 @@ def test_perfect_and_empty_predictions_score_at_the_extremes():
         prediction("planning", "put the cup in the bin", "put the cup in the bin"),
     ])  # fmt: skip
     assert perfect["groups"]["success"] == {
-        "n": 2, "accuracy": 1.0, "invalid_rate": 0.0, "blank_frames_accuracy": 0.5,
+        "n": 2, "majority_rate": 0.5, "accuracy": 1.0, "invalid_rate": 0.0,
+        "blank_frames_accuracy": 0.5,
     }  # fmt: skip
     assert perfect["groups"]["planning"]["bleu"] == pytest.approx(100)
     assert perfect["groups"]["planning"]["exact_match"] == 1.0
@@ -98,7 +101,7 @@ def test_answer_sample_is_stratified_and_the_same_for_every_run(tiny_setup):
 
 
 def test_val_loss_is_the_token_mean_of_the_training_loss(tiny_setup):
-    model = load_model(tiny_setup["model"], "none", "float32", "sdpa", False, for_training=False)
+    model = load_model(tiny_setup["model"], "none", "float32", "sdpa", False)
     model = attach_lora(model, 8, 16, 0.0).eval()
     processor = load_processor(tiny_setup["model"])
     builder = SampleBuilder(
@@ -132,6 +135,7 @@ def test_eval_of_a_fixed_adapter_gives_the_same_numbers_twice(tiny_setup, tmp_pa
     stages = {"stage1": settings["stage"], "stage2": settings["stage"]}
     evaluation = {"seed": 0, "batch_size": 4, "loss_samples": 8, "answers_per_family": 3,
                   "max_new_tokens": 6}  # fmt: skip
+    before = (adapter / "adapter_model.safetensors").read_bytes()
     results = []
     for attempt in ("a", "b"):
         result = evaluate_run(
@@ -144,6 +148,7 @@ def test_eval_of_a_fixed_adapter_gives_the_same_numbers_twice(tiny_setup, tmp_pa
         result.pop("wall_seconds")
         results.append(result)
     assert results[0] == results[1]
+    assert (adapter / "adapter_model.safetensors").read_bytes() == before  # eval never trains
     assert set(results[0]["loss"]) == {"stage1_val", "stage2_val"}
     predictions = (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 6
@@ -152,3 +157,26 @@ def test_eval_of_a_fixed_adapter_gives_the_same_numbers_twice(tiny_setup, tmp_pa
     assert (tmp_path / "a" / "predictions.jsonl").read_text() == (
         tmp_path / "b" / "predictions.jsonl"
     ).read_text()
+
+
+def test_batched_left_padded_generation_answers_like_one_at_a_time(tiny_setup, tmp_path):
+    settings = run_settings(tiny_setup["model"], max_steps=6)
+    adapter = train_run(
+        train_jsonl=tiny_setup["stage2_train"], val_jsonl=tiny_setup["stage2_val"],
+        images_dir=tiny_setup["images"], adapter_dir=tmp_path / "adapter", run_dir=tmp_path,
+        checkpoint_dir=tmp_path / "checkpoints", **settings,
+    )  # fmt: skip
+    base = load_model(tiny_setup["model"], "none", "float32", "sdpa", False)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    processor = load_processor(tiny_setup["model"])
+    builder = SampleBuilder(
+        processor, model_family(tiny_setup["model"]), tiny_setup["images"], 4, 512
+    )
+    # prompts of different lengths: a padding mistake would change the answers
+    rows = [json.loads(line) for line in tiny_setup["stage1_val"].read_text().splitlines()][:6]
+    rows[1]["conversations"][0]["value"] += " and then some more words to make it longer"
+    batched = generate_answers(model, builder, rows, batch_size=6, max_new_tokens=6)
+    single = [
+        generate_answers(model, builder, [r], batch_size=1, max_new_tokens=6)[0] for r in rows
+    ]
+    assert batched == single

@@ -99,7 +99,8 @@ def test_report_holds_both_tables_conditions_and_plots(runs):
     assert (
         "| success | accuracy | 50.0% (blank frames 50.0%) | 80.0% (blank frames 50.0%) |" in text
     )
-    assert "| planning | BLEU | 1.0 | 30.0 | 40.0 | 20.0 |" in text
+    assert "| planning | BLEU | 1.0 | 30.0 | 40.0 | 20.0 | -20.0 |" in text
+    assert "| 60.0% (blank frames 55.0%) | -30.0 pts |" in text  # success: 0.6 vs 0.9
     assert "OpenGVLab/InternVL3-8B-hf, quantization nf4" in text and "stage1: 3 steps" in text
     assert "DEMO" not in text
     for key in ("curves", "scores"):

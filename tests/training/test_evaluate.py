@@ -4,7 +4,7 @@ import math
 import pytest
 import sacrebleu
 from peft import PeftModel
-from training_helpers import run_settings
+from training_helpers import run_settings, train_tiny
 
 from robovqa_ft.evaluate import (
     answer_sample,
@@ -18,7 +18,6 @@ from robovqa_ft.evaluate import (
 )
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
 from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch
-from robovqa_ft.train import train_run
 
 
 @pytest.mark.parametrize(
@@ -126,12 +125,8 @@ def test_val_loss_is_the_token_mean_of_the_training_loss(tiny_setup):
 
 
 def test_eval_of_a_fixed_adapter_gives_the_same_numbers_twice(tiny_setup, tmp_path):
-    settings = run_settings(tiny_setup["model"], max_steps=3)
-    adapter = train_run(
-        train_jsonl=tiny_setup["stage1_train"], val_jsonl=tiny_setup["stage1_val"],
-        images_dir=tiny_setup["images"], adapter_dir=tmp_path / "adapter", run_dir=tmp_path,
-        checkpoint_dir=tmp_path / "checkpoints", **settings,
-    )  # fmt: skip
+    settings = run_settings(tiny_setup["model"])
+    adapter = train_tiny(tiny_setup, tmp_path, max_steps=3)
     stages = {"stage1": settings["stage"], "stage2": settings["stage"]}
     evaluation = {"seed": 0, "batch_size": 4, "loss_samples": 8, "answers_per_family": 3,
                   "max_new_tokens": 6}  # fmt: skip
@@ -160,12 +155,7 @@ def test_eval_of_a_fixed_adapter_gives_the_same_numbers_twice(tiny_setup, tmp_pa
 
 
 def test_batched_left_padded_generation_answers_like_one_at_a_time(tiny_setup, tmp_path):
-    settings = run_settings(tiny_setup["model"], max_steps=6)
-    adapter = train_run(
-        train_jsonl=tiny_setup["stage2_train"], val_jsonl=tiny_setup["stage2_val"],
-        images_dir=tiny_setup["images"], adapter_dir=tmp_path / "adapter", run_dir=tmp_path,
-        checkpoint_dir=tmp_path / "checkpoints", **settings,
-    )  # fmt: skip
+    adapter = train_tiny(tiny_setup, tmp_path, data="stage2", max_steps=6)
     base = load_model(tiny_setup["model"], "none", "float32", "sdpa", False)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
     processor = load_processor(tiny_setup["model"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from training_helpers import run_settings
+from training_helpers import train_tiny as run
 
 from robovqa_ft.checkpoints import (
     COMPLETE_MARKER,
@@ -21,20 +22,6 @@ from robovqa_ft.checkpoints import (
     prepare_checkpoint_dir,
 )
 from robovqa_ft.model import attach_lora, load_model
-from robovqa_ft.train import train_run
-
-
-def run(setup, out: Path, data="stage1", init_adapter=None, **settings):
-    return train_run(
-        train_jsonl=setup[f"{data}_train"],
-        val_jsonl=setup[f"{data}_val"],
-        images_dir=setup["images"],
-        adapter_dir=out / "adapter",
-        run_dir=out,
-        checkpoint_dir=out / "checkpoints",
-        init_adapter=init_adapter,
-        **run_settings(setup["model"], **settings),
-    )
 
 
 def adapter_weights(adapter: Path) -> dict[str, torch.Tensor]:

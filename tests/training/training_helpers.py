@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from robovqa_ft.train import train_run
+
 
 def run_settings(model: Path, model_settings=(), stage=(), **training) -> dict:
     """Keyword arguments of `train_run` for a few fast CPU steps; overrides per section."""
@@ -20,3 +22,17 @@ def run_settings(model: Path, model_settings=(), stage=(), **training) -> dict:
                      "save_steps": 2, "save_total_limit": 3, "seed": 0, "dataloader_workers": 0,
                      "save_every_minutes": 60, **training},
     }  # fmt: skip
+
+
+def train_tiny(setup: dict, out: Path, data="stage1", init_adapter=None, **settings) -> Path:
+    """Train the tiny model on `data` ("stage1" or "stage2") into `out`; returns the adapter."""
+    return train_run(
+        train_jsonl=setup[f"{data}_train"],
+        val_jsonl=setup[f"{data}_val"],
+        images_dir=setup["images"],
+        adapter_dir=out / "adapter",
+        run_dir=out,
+        checkpoint_dir=out / "checkpoints",
+        init_adapter=init_adapter,
+        **run_settings(setup["model"], **settings),
+    )

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from robovqa_ft.files import atomic_open, write_json_atomic
 from robovqa_ft.model import load_model, load_processor, model_family
-from robovqa_ft.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder, pad_batch
+from robovqa_ft.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder, pad_batch, split_counters
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,7 @@ def hardware() -> str:
 
 def _model_inputs(batch: dict, device: torch.device) -> dict:
     """The batch without the collator's counters, on the model's device."""
-    return {
-        k: v.to(device) for k, v in batch.items() if k not in ("dropped_turns", "skipped_samples")
-    }
+    return {k: v.to(device) for k, v in split_counters(batch)[0].items()}
 
 
 def evaluate_run(

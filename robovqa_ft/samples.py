@@ -87,8 +87,9 @@ class SampleBuilder:
         images = []
         for i in frame_indices(len(row["images"]), self.max_frames):
             with Image.open(self.images_dir / row["images"][i]) as image:
-                image = image.convert("RGB")
-            images.append(Image.new("RGB", image.size) if self.blank_frames else image)
+                # a blank frame needs only the size, which needs no decoding
+                blank = Image.new("RGB", image.size) if self.blank_frames else None
+                images.append(blank or image.convert("RGB"))
         return images
 
     def encode(self, row: dict) -> dict[str, Any] | None:
@@ -161,6 +162,16 @@ class JsonlDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         return self.builder.encode(self.row(index))
+
+
+# What `pad_batch` counts beside the model inputs; the model must not see them.
+COUNTERS = ("dropped_turns", "skipped_samples")
+
+
+def split_counters(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """(the model inputs, the counters) of a padded batch."""
+    inputs = {k: v for k, v in batch.items() if k not in COUNTERS}
+    return inputs, {k: int(batch[k]) for k in COUNTERS}
 
 
 def pad_batch(samples: list[dict | None], pad_token_id: int, side: str = "right") -> dict[str, Any]:

@@ -30,7 +30,7 @@ from robovqa_ft.checkpoints import (
 )
 from robovqa_ft.files import atomic_directory, atomic_open
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
-from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch
+from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch, split_counters
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,11 @@ class MetricsLog(TrainerCallback):
         self.window_start, self.samples, self.tokens = time.monotonic(), 0, 0
         self.dropped = self.skipped = 0  # per logging window, like samples and tokens
 
-    def count(self, samples: int, tokens: int, dropped: int, skipped: int) -> None:
+    def count(self, samples: int, tokens: int, dropped_turns: int, skipped_samples: int) -> None:
         self.samples += samples
         self.tokens += tokens
-        self.dropped += dropped
-        self.skipped += skipped
+        self.dropped += dropped_turns
+        self.skipped += skipped_samples
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -130,10 +130,10 @@ class CurriculumTrainer(Trainer):
     metrics: MetricsLog
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        dropped, skipped = int(inputs.pop("dropped_turns")), int(inputs.pop("skipped_samples"))
+        inputs, counters = split_counters(inputs)
         if model.training:
             tokens = int(inputs["attention_mask"].sum())
-            self.metrics.count(len(inputs["input_ids"]), tokens, dropped, skipped)
+            self.metrics.count(len(inputs["input_ids"]), tokens, **counters)
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 

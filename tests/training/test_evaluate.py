@@ -17,7 +17,7 @@ from robovqa_ft.evaluate import (
     yes_no,
 )
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
-from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch
+from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch, split_counters
 
 
 @pytest.mark.parametrize(
@@ -115,7 +115,7 @@ def test_val_loss_is_the_token_mean_of_the_training_loss(tiny_setup):
     for i in range(len(dataset)):
         batch = pad_batch([dataset[i]], pad)
         n = int((batch["labels"][:, 1:] != -100).sum())
-        inputs = {k: v for k, v in batch.items() if k not in ("dropped_turns", "skipped_samples")}
+        inputs, _ = split_counters(batch)
         total += float(model(**inputs).loss) * n
         tokens += n
     assert result["tokens"] == tokens and result["samples"] == 6

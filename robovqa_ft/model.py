@@ -42,6 +42,7 @@ class Family:
     frame_content: Callable[[int], list[dict]]  # chat content items for n frames, in order
     keep_unquantized: tuple[str, ...]  # full module paths that 4-bit loading must skip
     processor_kwargs: dict = field(default_factory=dict)  # passed with every frame batch
+    packs: bool = False  # 1-D rotary positions, so samples can share a row (`pack_batch`)
 
 
 FAMILIES: dict[str, Family] = {
@@ -50,6 +51,7 @@ FAMILIES: dict[str, Family] = {
         _internvl_frames,
         ("model.vision_tower", "model.multi_modal_projector", "lm_head"),
         {"crop_to_patches": False},
+        packs=True,
     ),
     "qwen2_5_vl": Family(_qwen_frames, ("model.visual", "lm_head")),
     "qwen3_vl": Family(_qwen_frames, ("model.visual", "lm_head")),

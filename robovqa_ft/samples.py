@@ -1,20 +1,23 @@
 """Turn curriculum JSONL lines into model inputs: frames, chat prompt, labels, padding.
 
-One sample is built in `SampleBuilder.encode` (in DataLoader workers); `pad_batch` only
-pads and stacks. Loss falls on assistant tokens only; truncation drops whole trailing
-turns and never cuts into image tokens, which all sit in the first human turn.
+One sample is built in `SampleBuilder.encode` (in DataLoader workers); the collator only
+pads and stacks (`pad_batch`) or lays the micro-batch end to end in one row (`pack_batch`).
+Loss falls on assistant tokens only; truncation drops whole trailing turns and never cuts
+into image tokens, which all sit in the first human turn.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from robovqa_ft.model import Family
 
@@ -82,6 +85,7 @@ class SampleBuilder:
         tokenizer = processor.tokenizer
         self.header = tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
         self.end = tokenizer.convert_tokens_to_ids(TURN_END)
+        self._tokens_per_frame: int | None = None  # learnt by `token_lengths`
 
     def frames(self, row: dict) -> list[Image.Image]:
         images = []
@@ -122,16 +126,37 @@ class SampleBuilder:
             "dropped_turns": 0
         }
 
+    def token_lengths(self, rows: list[dict]) -> list[int]:
+        """Each row's encoded length (as `encode` gives it, capped at `max_seq_len`), from
+        its text alone: every frame adds the same number of tokens to its placeholder,
+        learnt once by encoding `rows[0]` with its frames. No other frame is decoded.
+        """
+        frames = [len(frame_indices(len(row["images"]), self.max_frames)) for row in rows]
+        texts = [self._text(row, n) for row, n in zip(rows, frames, strict=True)]
+        token_ids = self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if self._tokens_per_frame is None:
+            full = self._inputs(rows[0], turns=None)["input_ids"].shape[1]
+            self._tokens_per_frame = (full - len(token_ids[0])) // frames[0]
+        lengths = []
+        for ids, n in zip(token_ids, frames, strict=True):
+            through_last_answer = len(ids) - ids[::-1].index(self.end)  # as `encode` cuts
+            lengths.append(min(through_last_answer + n * self._tokens_per_frame, self.max_seq_len))
+        return lengths
+
+    def _text(self, row: dict, frames: int, turns: int | None = None) -> str:
+        """The chat text, one placeholder per frame (the processor expands each)."""
+        messages = chat_messages(row, self.family.frame_content(frames))
+        if turns == 0:
+            messages = messages[:1]
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=turns == 0
+        )
+
     def _inputs(self, row: dict, turns: int | None) -> dict[str, torch.Tensor]:
         """Processor output for the whole conversation, or (turns=0) its first question
         followed by the assistant header."""
         frames = self.frames(row)
-        messages = chat_messages(row, self.family.frame_content(len(frames)))
-        if turns == 0:
-            messages = messages[:1]
-        text = self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=turns == 0
-        )
+        text = self._text(row, len(frames), turns)
         return self.processor(
             text=[text], images=[frames], return_tensors="pt", **self.family.processor_kwargs
         )
@@ -160,8 +185,51 @@ class JsonlDataset(Dataset):
             handle.seek(self.offsets[index])
             return json.loads(handle.readline())
 
+    def rows(self) -> Iterator[dict]:
+        """Every row, in file order."""
+        with self.path.open("rb") as handle:
+            for offset in self.offsets:
+                handle.seek(offset)
+                yield json.loads(handle.readline())
+
+    def token_lengths(self, chunk: int = 2048) -> list[int]:
+        """Each sample's token count (see `SampleBuilder.token_lengths`), read in chunks."""
+        lengths, rows = [], []
+        for row in self.rows():
+            rows.append(row)
+            if len(rows) == chunk:
+                lengths += self.builder.token_lengths(rows)
+                rows = []
+        return lengths + (self.builder.token_lengths(rows) if rows else [])
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         return self.builder.encode(self.row(index))
+
+
+class StepSortedSampler(Sampler):
+    """A fresh seeded shuffle each epoch, then each optimizer step's samples sorted longest
+    first: a step is still a random draw, but its micro-batches hold similar lengths.
+
+    Sorting within whole steps (not across many, as transformers' `LengthGroupedSampler`
+    does by default) keeps long planning questions from filling whole steps of their own.
+    """
+
+    def __init__(self, lengths: list[int], step_size: int, seed: int):
+        self.lengths, self.step_size, self.seed = lengths, step_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it, also when resuming
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        for start in range(0, len(order), self.step_size):
+            step = order[start : start + self.step_size]
+            yield from sorted(step, key=lambda i: -self.lengths[i])
 
 
 # What `pad_batch` counts beside the model inputs; the model must not see them.
@@ -174,13 +242,72 @@ def split_counters(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int
     return inputs, {k: int(batch[k]) for k in COUNTERS}
 
 
+# How a micro-batch becomes one tensor per input (config: training.padding).
+PADDING = ("longest", "grouped", "packed")
+
+
+def collator(padding: str, pad_token_id: int) -> Callable[[list[dict | None]], dict[str, Any]]:
+    """The training collator: "longest" and "grouped" pad (grouping is the sampler's
+    part), "packed" lays the samples end to end."""
+    if padding not in PADDING:
+        raise ValueError(f"padding {padding!r} is not one of {PADDING}")
+    return pack_batch if padding == "packed" else partial(pad_batch, pad_token_id=pad_token_id)
+
+
+def _present(samples: list[dict | None]) -> list[dict]:
+    present = [s for s in samples if s is not None]
+    if not present:
+        raise ValueError("no sample in this batch fits max_seq_len; raise it")
+    return present
+
+
+def _counters(batch: dict[str, Any], samples: list[dict], given: int) -> dict[str, Any]:
+    batch["dropped_turns"] = torch.tensor(sum(s["dropped_turns"] for s in samples))
+    batch["skipped_samples"] = torch.tensor(given - len(samples))  # not even one answer fit
+    return batch
+
+
+def real_tokens(inputs: dict[str, Any]) -> tuple[int, int]:
+    """(tokens that are samples' own, tokens computed) of a collated batch."""
+    computed = inputs["input_ids"].numel()
+    mask = inputs.get("attention_mask")
+    return (int(mask.sum()) if mask is not None else computed), computed
+
+
+def pack_batch(samples: list[dict | None]) -> dict[str, Any]:
+    """Padding-free: the micro-batch as one row with no padding at all.
+
+    Position ids restart at 0 for each sample and there is no attention mask: from that,
+    transformers keeps the samples apart (flash-attention's varlen kernel, or a block
+    mask for SDPA and eager), so each sample's logits are those it has alone. Each
+    sample's first label is ignored, so no sample learns to predict the next one's start.
+    Only for 1-D rotary positions (InternVL; Qwen-VL's 3-D positions are not rebuilt here).
+    """
+    given = len(samples)
+    samples = _present(samples)
+    batch: dict[str, Any] = {}
+    for key, first in samples[0].items():
+        if key in ("dropped_turns", "attention_mask"):
+            continue
+        batch[key] = torch.cat([s[key] for s in samples])
+        if first.dim() == 1:  # per token: one row
+            batch[key] = batch[key][None]
+    labels = [s["labels"].clone() for s in samples]
+    for row in labels:
+        row[0] = IGNORE_INDEX
+    batch["labels"] = torch.cat(labels)[None]
+    batch["position_ids"] = torch.cat([torch.arange(len(s["input_ids"])) for s in samples])[None]
+    # With a KV cache (on by default in eval mode), transformers does not look for packed
+    # samples and lets them attend to each other: silently wrong logits.
+    batch["use_cache"] = False
+    return _counters(batch, samples, given)
+
+
 def pad_batch(samples: list[dict | None], pad_token_id: int, side: str = "right") -> dict[str, Any]:
     """Pad token sequences (right for training, left for generation); concatenate the
     visual inputs (tiles in prompt order)."""
     given = len(samples)
-    samples = [s for s in samples if s is not None]
-    if not samples:
-        raise ValueError("no sample in this batch fits max_seq_len; raise it")
+    samples = _present(samples)
     length = max(len(s["input_ids"]) for s in samples)
     pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
     batch: dict[str, Any] = {}
@@ -200,6 +327,4 @@ def pad_batch(samples: list[dict | None], pad_token_id: int, side: str = "right"
             )
         else:
             batch[key] = torch.cat([s[key] for s in samples])
-    batch["dropped_turns"] = torch.tensor(sum(s["dropped_turns"] for s in samples))
-    batch["skipped_samples"] = torch.tensor(given - len(samples))  # not even one answer fit
-    return batch
+    return _counters(batch, samples, given)

@@ -14,7 +14,6 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +29,14 @@ from robovqa_ft.checkpoints import (
 )
 from robovqa_ft.files import atomic_directory, atomic_open
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
-from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch, split_counters
+from robovqa_ft.samples import (
+    JsonlDataset,
+    SampleBuilder,
+    StepSortedSampler,
+    collator,
+    real_tokens,
+    split_counters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +73,8 @@ class MetricsLog(TrainerCallback):
     """`train_metrics.csv` and `eval_metrics.csv` in the run folder, kept across resumes."""
 
     TRAIN = ["step", "epoch", "loss", "learning_rate", "grad_norm", "samples_per_s",
-             "tokens_per_s", "peak_memory_gb", "dropped_turns", "skipped_samples"]  # fmt: skip
+             "tokens_per_s", "real_token_share", "peak_memory_gb", "dropped_turns",
+             "skipped_samples"]  # fmt: skip
     EVAL = ["step", "epoch", "eval_loss", "eval_samples"]
 
     def __init__(self, run_dir: Path, resumed_step: int, eval_samples: int):
@@ -75,12 +82,15 @@ class MetricsLog(TrainerCallback):
         self.eval_samples = eval_samples
         for path, fields in ((self.train_csv, self.TRAIN), (self.eval_csv, self.EVAL)):
             _keep_rows_up_to(path, fields, resumed_step)
-        self.window_start, self.samples, self.tokens = time.monotonic(), 0, 0
+        self.window_start, self.samples, self.tokens, self.computed = time.monotonic(), 0, 0, 0
         self.dropped = self.skipped = 0  # per logging window, like samples and tokens
 
-    def count(self, samples: int, tokens: int, dropped_turns: int, skipped_samples: int) -> None:
+    def count(
+        self, samples: int, tokens: int, computed: int, dropped_turns: int, skipped_samples: int
+    ) -> None:
         self.samples += samples
         self.tokens += tokens
+        self.computed += computed
         self.dropped += dropped_turns
         self.skipped += skipped_samples
 
@@ -96,10 +106,12 @@ class MetricsLog(TrainerCallback):
             _append(self.train_csv, self.TRAIN, {
                 **row, "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"), "samples_per_s": self.samples / seconds,
-                "tokens_per_s": self.tokens / seconds, "peak_memory_gb": round(peak, 3),
+                "tokens_per_s": self.tokens / seconds,
+                "real_token_share": round(self.tokens / max(self.computed, 1), 4),
+                "peak_memory_gb": round(peak, 3),
                 "dropped_turns": self.dropped, "skipped_samples": self.skipped,
             })  # fmt: skip
-            self.window_start, self.samples, self.tokens = time.monotonic(), 0, 0
+            self.window_start, self.samples, self.tokens, self.computed = time.monotonic(), 0, 0, 0
             self.dropped = self.skipped = 0
 
 
@@ -125,16 +137,23 @@ def _keep_rows_up_to(path: Path, fields: list[str], step: int) -> None:
 
 
 class CurriculumTrainer(Trainer):
-    """The Trainer, counting real tokens and dropped turns for the metrics."""
+    """The Trainer, counting real tokens and dropped turns for the metrics, and ordering
+    samples by length within each step when `train_sampler` is given."""
 
     metrics: MetricsLog
+    train_sampler: StepSortedSampler | None = None
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         inputs, counters = split_counters(inputs)
         if model.training:
-            tokens = int(inputs["attention_mask"].sum())
-            self.metrics.count(len(inputs["input_ids"]), tokens, **counters)
+            samples = len(inputs["input_ids"])
+            if "position_ids" in inputs:  # packed: one row holds the micro-batch
+                samples = int((inputs["position_ids"] == 0).sum())
+            self.metrics.count(samples, *real_tokens(inputs), **counters)
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.train_sampler or super()._get_train_sampler(train_dataset)
 
 
 @contextmanager
@@ -175,6 +194,12 @@ def train_run(
     anew with other settings never resume old checkpoints.
     """
     run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
+    family = model_family(model["name"])
+    if training["padding"] == "packed" and not family.packs:
+        raise ValueError(
+            f"training.padding 'packed' needs 1-D rotary positions (InternVL); {model['name']} "
+            "uses 3-D ones: use 'grouped' instead"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model": model, "lora": lora, "stage": stage, "training": training,
                 "init_adapter": str(init_adapter) if init_adapter else None}  # fmt: skip
@@ -187,7 +212,6 @@ def train_run(
 
         set_seed(training["seed"])  # before LoRA's random initialisation
         processor = load_processor(model["name"])
-        family = model_family(model["name"])
         base = load_model(
             model["name"], model["quantization"], model["dtype"], model["attn_implementation"],
             model["gradient_checkpointing"], model.get("max_memory_gb"),
@@ -203,8 +227,14 @@ def train_run(
             args=training_arguments(checkpoint_dir, stage, training, model),
             train_dataset=train_set,
             eval_dataset=val_set,
-            data_collator=partial(pad_batch, pad_token_id=processor.tokenizer.pad_token_id),
+            data_collator=collator(training["padding"], processor.tokenizer.pad_token_id),
         )
+        if training["padding"] == "grouped":
+            log.info("Measuring %d samples' token lengths for length grouping", len(train_set))
+            step = stage["batch_size"] * stage["grad_accum"]
+            trainer.train_sampler = StepSortedSampler(
+                train_set.token_lengths(), step, training["seed"]
+            )
         resumed_step = int(resume.name.split("-")[-1]) if resume else 0
         trainer.metrics = MetricsLog(run_dir, resumed_step, len(val_set))
         safety = CrashSafety(checkpoint_dir, training["save_every_minutes"])

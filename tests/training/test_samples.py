@@ -15,8 +15,18 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from robovqa_ft.model import FAMILIES, load_processor
-from robovqa_ft.samples import IGNORE_INDEX, SampleBuilder, frame_indices, pad_batch
+from robovqa_ft.model import FAMILIES, attach_lora, load_model, load_processor
+from robovqa_ft.samples import (
+    IGNORE_INDEX,
+    JsonlDataset,
+    SampleBuilder,
+    StepSortedSampler,
+    frame_indices,
+    pack_batch,
+    pad_batch,
+    real_tokens,
+    split_counters,
+)
 from robovqa_ft.tiny_model import IMAGENET_MEAN, IMAGENET_STD, build_tiny_internvl
 
 FRAMES = 16
@@ -334,6 +344,107 @@ def test_pad_batch_right_pads_and_concatenates_tiles(data, internvl):
     assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"]]))
     assert batch["dropped_turns"].item() == 3
     assert batch["skipped_samples"].item() == 1  # the None: not even one answer fit
+
+
+# --- length grouping and padding-free packing ---
+
+
+@pytest.mark.parametrize("max_frames", [4, 10])
+def test_token_lengths_from_text_alone_equal_the_encoded_lengths(data, internvl, max_frames):
+    builder = internvl_builder(data, internvl, max_frames=max_frames)
+    rows = data["stage1"] + data["stage2"]
+    encoded = [len(builder.encode(row)["input_ids"]) for row in rows]
+    assert builder.token_lengths(rows) == encoded
+    assert len(set(encoded)) > 1
+    dataset = JsonlDataset(data["jsonl"][1], builder)
+    assert dataset.token_lengths(chunk=1) == encoded[2:]
+
+
+def test_token_lengths_are_capped_at_max_seq_len(data, internvl):
+    builder = internvl_builder(data, internvl, max_seq_len=30)
+    assert builder.token_lengths(data["stage2"]) == [30, 30]
+
+
+def test_qwen_token_lengths_equal_the_encoded_lengths(data, qwen_processor):
+    builder = qwen_builder(data, qwen_processor)
+    rows = data["stage1"] + data["stage2"]
+    assert builder.token_lengths(rows) == [len(builder.encode(r)["input_ids"]) for r in rows]
+
+
+def test_step_sorted_sampler_sorts_within_each_step_and_reshuffles_per_epoch():
+    lengths = [(i * 37) % 101 for i in range(40)]
+    sampler = StepSortedSampler(lengths, step_size=8, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(40))
+    steps = [first[i : i + 8] for i in range(0, 40, 8)]
+    for step in steps:
+        assert [lengths[i] for i in step] == sorted((lengths[i] for i in step), reverse=True)
+    # steps are random draws, not runs of similar lengths
+    assert len({max(lengths[i] for i in step) for step in steps}) > 1
+    assert list(StepSortedSampler(lengths, 8, seed=3)) == first  # same seed, same order
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(second) == list(range(40)) and second != first
+    resumed = StepSortedSampler(lengths, 8, seed=3)
+    resumed.set_epoch(1)
+    assert list(resumed) == second  # a resumed run sees the same epoch order
+
+
+def test_pack_batch_lays_samples_end_to_end_with_restarting_positions(data, internvl):
+    builder = internvl_builder(data, internvl)
+    a, b = builder.encode(data["stage2"][0]), builder.encode(data["stage1"][1])
+    batch = pack_batch([a, None, b])
+    n_a, n_b = len(a["input_ids"]), len(b["input_ids"])
+    assert batch["input_ids"].shape == batch["labels"].shape == (1, n_a + n_b)
+    assert "attention_mask" not in batch
+    assert torch.equal(batch["input_ids"][0], torch.cat([a["input_ids"], b["input_ids"]]))
+    positions = batch["position_ids"][0]
+    assert torch.equal(positions, torch.cat([torch.arange(n_a), torch.arange(n_b)]))
+    # each sample's first label is ignored (it already is: the row opens a user turn)
+    assert batch["labels"][0, 0] == batch["labels"][0, n_a] == IGNORE_INDEX
+    assert torch.equal(batch["labels"][0, :n_a], a["labels"])
+    assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"]]))
+    assert (batch["skipped_samples"].item(), batch["dropped_turns"].item()) == (1, 0)
+    assert real_tokens(batch) == (n_a + n_b, n_a + n_b)
+    padded = pad_batch([a, b], pad_token_id=internvl["processor"].tokenizer.pad_token_id)
+    assert real_tokens(padded) == (n_a + n_b, 2 * max(n_a, n_b))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_loss_equals_padded_loss(data, internvl, attention):
+    """The same samples give the same summed and mean loss packed as padded, and the
+    same gradients: packed samples never see each other."""
+    torch.manual_seed(0)
+    model = load_model(data["root"] / "tiny-internvl", "none", "float32", attention, False)
+    model = attach_lora(model, 8, 16, 0.0)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():  # LoRA starts as a no-op; make it act so its gradients mean something
+        for p in lora:
+            p.normal_(0, 0.05)
+    builder = internvl_builder(data, internvl)
+    samples = [builder.encode(row) for row in data["stage2"] + data["stage1"]]
+    pad_id = internvl["processor"].tokenizer.pad_token_id
+
+    def loss_and_grads(batch, **kwargs):
+        model.zero_grad()
+        loss = model(**split_counters(batch)[0], **kwargs).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in lora]
+
+    padded, padded_grads = loss_and_grads(pad_batch(samples, pad_id))
+    packed, packed_grads = loss_and_grads(pack_batch(samples))
+    assert packed == pytest.approx(padded, rel=1e-5)
+    for g_packed, g_padded in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(g_packed, g_padded, rtol=1e-4, atol=1e-6)
+    summed = loss_and_grads(pack_batch(samples), num_items_in_batch=1)[0]
+    assert summed == pytest.approx(
+        loss_and_grads(pad_batch(samples, pad_id), num_items_in_batch=1)[0], rel=1e-5
+    )
+
+    # The control: one running position sequence lets samples attend to each other.
+    leaky = pack_batch(samples)
+    leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1])[None]
+    assert loss_and_grads(leaky)[0] != pytest.approx(padded, rel=1e-3)
 
 
 # --- Qwen2.5-VL samples ---

@@ -22,6 +22,7 @@ from robovqa_ft.checkpoints import (
     prepare_checkpoint_dir,
 )
 from robovqa_ft.model import attach_lora, load_model
+from robovqa_ft.train import train_run
 
 
 def adapter_weights(adapter: Path) -> dict[str, torch.Tensor]:
@@ -91,6 +92,48 @@ def test_stage1_loss_falls_and_metrics_are_written(tiny_setup, tmp_path):
     config = (tmp_path / "config.yaml").read_text()
     assert "learning_rate: 0.002" in config
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_packed_training_gives_the_padded_adapter_with_only_real_tokens(tiny_setup, tmp_path):
+    # No dropout: its random masks depend on the batch's shape.
+    same = {"max_steps": 3, "lora": {"dropout": 0.0}}
+    padded = run(tiny_setup, tmp_path / "padded", **same)
+    packed = run(tiny_setup, tmp_path / "packed", padding="packed", **same)
+    padded_shares = [
+        float(r["real_token_share"]) for r in csv_rows(tmp_path / "padded" / "train_metrics.csv")
+    ]
+    assert min(padded_shares) < 1.0  # so there was padding to do without
+    weights = adapter_weights(packed)
+    assert max_difference(weights, adapter_weights(padded)) < 1e-5
+    assert max(w.abs().max().item() for w in weights.values()) > 1e-3  # it did train
+    shares = [
+        float(r["real_token_share"]) for r in csv_rows(tmp_path / "packed" / "train_metrics.csv")
+    ]
+    assert shares == [1.0] * 3
+    samples = [
+        float(r["samples_per_s"]) for r in csv_rows(tmp_path / "packed" / "train_metrics.csv")
+    ]
+    assert all(s > 0 for s in samples)
+
+
+def test_grouped_training_pads_less_than_longest(tiny_setup, tmp_path):
+    shares = {}
+    for padding in ("longest", "grouped"):
+        run(tiny_setup, tmp_path / padding, max_steps=6, padding=padding, stage={"batch_size": 2})
+        rows = csv_rows(tmp_path / padding / "train_metrics.csv")
+        shares[padding] = sum(float(r["real_token_share"]) for r in rows) / len(rows)
+    assert shares["longest"] < shares["grouped"] <= 1.0
+
+
+def test_packing_is_refused_for_qwen_vl_models_before_anything_loads(tmp_path):
+    config = tmp_path / "qwen"
+    config.mkdir()
+    (config / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    settings = run_settings(config, padding="packed")
+    with pytest.raises(ValueError, match="3-D"):
+        train_run(
+            "t.jsonl", "v.jsonl", "images", tmp_path / "a", tmp_path, tmp_path / "c", **settings
+        )
 
 
 def test_training_killed_with_sigkill_resumes_to_the_same_adapter(tiny_setup, tmp_path):

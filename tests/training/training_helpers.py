@@ -7,20 +7,20 @@ from pathlib import Path
 from robovqa_ft.train import train_run
 
 
-def run_settings(model: Path, model_settings=(), stage=(), **training) -> dict:
+def run_settings(model: Path, model_settings=(), stage=(), lora=(), **training) -> dict:
     """Keyword arguments of `train_run` for a few fast CPU steps; overrides per section."""
     return {
         "model": {"name": str(model), "quantization": "none", "dtype": "float32",
                   "attn_implementation": "sdpa", "gradient_checkpointing": False,
                   **dict(model_settings)},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1, **dict(lora)},
         "stage": {"batch_size": 4, "grad_accum": 2, "learning_rate": 2e-3, "epochs": 1,
                   "warmup_ratio": 0.25, "scheduler": "cosine", "max_grad_norm": 1.0,
                   "adam_beta1": 0.9, "adam_beta2": 0.999, "weight_decay": 0.01,
                   "max_frames": 4, "max_seq_len": 512, **dict(stage)},
         "training": {"max_steps": 10, "logging_steps": 1, "eval_steps": 5, "eval_samples": 4,
                      "save_steps": 2, "save_total_limit": 3, "seed": 0, "dataloader_workers": 0,
-                     "save_every_minutes": 60, **training},
+                     "save_every_minutes": 60, "padding": "longest", **training},
     }  # fmt: skip
 
 

@@ -56,8 +56,9 @@ def random_clip(rng: random.Random) -> DemoClip:
     return DemoClip(colour, instruction, rng.random() < 0.5, rng.random() < 0.5)
 
 
-def clip_text(clip: DemoClip, rng: random.Random) -> str:
-    """Two to five QA blocks over all ten tags; no answer is implied by another's."""
+def clip_text(clip: DemoClip, rng: random.Random, freeform: int | None = None) -> str:
+    """The two yes/no blocks and `freeform` free-form ones (default: zero to three) over
+    all ten tags; no answer is implied by another's."""
     goal = f"please {clip.instruction} and close the drawer"
     history = f"current goal is: {goal}. last 20 steps: 1- open the drawer 2- look at the table"
     success_tag = f"success:discrete:{clip.success}"
@@ -83,8 +84,9 @@ def clip_text(clip: DemoClip, rng: random.Random) -> str:
     ]  # fmt: skip
     # Each yes/no question once in every clip: plenty to learn from, and no earlier turn
     # of a conversation gives a later answer away. Free-form tags may repeat.
-    yes_no, freeform = blocks[3:5], blocks[:3] + blocks[5:]
-    chosen = [*yes_no, *rng.choices(freeform, k=rng.randint(0, 3))]
+    yes_no, free_blocks = blocks[3:5], blocks[:3] + blocks[5:]
+    count = rng.randint(0, 3) if freeform is None else freeform
+    chosen = [*yes_no, *rng.choices(free_blocks, k=count)]
     rng.shuffle(chosen)
     return "".join(chosen)
 

@@ -27,7 +27,7 @@ from robovqa_ft.samples import (
     real_tokens,
     split_counters,
 )
-from robovqa_ft.tiny_model import IMAGENET_MEAN, IMAGENET_STD, build_tiny_internvl
+from robovqa_ft.random_model import IMAGENET_MEAN, IMAGENET_STD, build_tiny_internvl
 
 FRAMES = 16
 TOKENS_PER_FRAME = 4  # tiny InternVL: 56 px tile -> 4 image tokens

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench bench-gpu clean
 
 # The demo and the tests never touch the network: every model is built here.
 demo test: export HF_HUB_OFFLINE := 1
@@ -40,8 +40,16 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/snakefmt Snakefile rules
 
+# Every CPU benchmark, side by side in one run (docs/performance.md has the figures).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract_frames.py
+	$(BIN)/python benchmarks/padding.py
+	$(BIN)/python benchmarks/dataloader.py
+	$(BIN)/python benchmarks/train_step.py --tiny
+
+# The full-size training step: needs a GPU (and 16 GB of disk for the random weights).
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/train_step.py --workdir $(or $(BENCH_DIR),/tmp/robovqa-bench)
 
 clean:
 	rm -rf results logs demo .snakemake

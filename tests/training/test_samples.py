@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from robovqa_ft.model import FAMILIES, attach_lora, load_model, load_processor
+from robovqa_ft.random_model import IMAGENET_MEAN, IMAGENET_STD, build_tiny_internvl
 from robovqa_ft.samples import (
     IGNORE_INDEX,
     JsonlDataset,
@@ -27,7 +28,6 @@ from robovqa_ft.samples import (
     real_tokens,
     split_counters,
 )
-from robovqa_ft.random_model import IMAGENET_MEAN, IMAGENET_STD, build_tiny_internvl
 
 FRAMES = 16
 TOKENS_PER_FRAME = 4  # tiny InternVL: 56 px tile -> 4 image tokens

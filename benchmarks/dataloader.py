@@ -30,9 +30,17 @@ STAGES = {"stage1": (4, 2048), "stage2": (10, 4096)}  # max_frames, max_seq_len 
 MICRO_BATCH = 2
 
 
-def loader_rate(dataset: JsonlDataset, collate, workers: int, batches: int, seed: int) -> float:
-    """Samples/s over `batches` micro-batches, timed from the first batch (worker start-up
-    excluded, as it happens once per run)."""
+def loader_rate(
+    dataset: JsonlDataset, collate, workers: int, batches: int, seed: int, repeats: int
+) -> float:
+    """Median over `repeats` runs of samples/s over `batches` micro-batches, timed from the
+    first batch (worker start-up excluded, as it happens once per run)."""
+    return statistics.median(
+        _loader_rate(dataset, collate, workers, batches, seed + r) for r in range(repeats)
+    )
+
+
+def _loader_rate(dataset: JsonlDataset, collate, workers: int, batches: int, seed: int) -> float:
     sampler = RandomSampler(  # whole shuffles, repeated as often as the batches need
         dataset, num_samples=(batches + 1) * MICRO_BATCH,
         generator=torch.Generator().manual_seed(seed),
@@ -73,13 +81,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40, help="micro-batches timed per run")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--image-size", type=int, default=448, help="tile side (InternVL3: 448)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--tiny", action="store_true", help="a few clips and batches, for the tests"
     )
     args = parser.parse_args()
     if args.tiny:
-        args.clips, args.batches, args.workers, args.image_size = 6, 3, [1], 56
+        args.clips, args.batches, args.workers, args.image_size, args.repeats = 6, 3, [1], 56, 1
     torch.set_num_threads(1)  # as in a DataLoader worker
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
           f"{args.image_size} px tiles, 288 px frames, micro-batch {MICRO_BATCH}")  # fmt: skip
@@ -100,7 +109,7 @@ def main() -> None:
         print("stage | workers | samples/s | samples/s per worker")
         for stage, dataset in datasets.items():
             for workers in args.workers:
-                rate = loader_rate(dataset, collate, workers, args.batches, args.seed)
+                rate = loader_rate(dataset, collate, workers, args.batches, args.seed, args.repeats)
                 print(f"{stage} | {workers} | {rate:.1f} | {rate / workers:.1f}")
 
 

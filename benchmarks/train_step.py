@@ -20,8 +20,9 @@ Model FLOPs per step (gradient-checkpointing recomputation not counted, as MFU r
 MFU = model FLOPs / (seconds per step × peak): 989 TFLOP/s dense bf16 for H100 SXM and
 H200 (the nf4 path computes in bf16 too); `--peak-tflops` for any other device.
 
-Run on a GPU: `python benchmarks/train_step.py --workdir /tmp/bench` (a few minutes; the
-random 8B weights are written once to the workdir, 16 GB). On a CPU: `--tiny`.
+Run on a GPU: `python benchmarks/train_step.py --workdir /tmp/bench` (the random 8B
+weights are written once to the workdir, 16 GB; `--only` and `--steps 1` shorten a run).
+On a CPU: `--tiny`.
 """
 
 from __future__ import annotations
@@ -180,12 +181,12 @@ def measure(setup: Setup, stage: str, model, processor, samples: list[dict], arg
     seconds = statistics.median(t for t, _, _ in timed)
     real = sum(r for _, r, _ in timed) / len(timed)
     computed = sum(c for _, _, c in timed) / len(timed)
-    step_samples = samples[: args.samples_per_step]  # same shapes as every step's (cycled)
+    # Steps draw their samples at random: count the FLOPs of the average step.
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops = model_flops(
-        model.config, [len(s["input_ids"]) for s in step_samples],
-        sum(len(s["pixel_values"]) for s in step_samples), lora_params,
-    )  # fmt: skip
+        model.config, [len(s["input_ids"]) for s in samples],
+        sum(len(s["pixel_values"]) for s in samples), lora_params,
+    ) * args.samples_per_step / len(samples)  # fmt: skip
     del trainer
     return {"seconds": seconds, "tokens_per_s": real / seconds, "tflops": flops / seconds / 1e12,
             "peak_gb": peak, "real_share": real / computed}  # fmt: skip
@@ -255,18 +256,21 @@ def main() -> None:
             print(f"all | {setup.label(args.dtype)} | cannot load: {type(error).__name__}: {error}")
             continue
         for stage in args.stages:
+            r = None
             try:
                 r = measure(setup, stage, model, processor, samples[stage], args, workdir / "out")
             except torch.OutOfMemoryError:
-                print(f"{stage} | {setup.label(args.dtype)} | out of memory")
-                free_memory()
+                print(f"{stage} | {setup.label(args.dtype)} | out of memory", flush=True)
+            # outside the except clause, whose traceback still holds the Trainer
+            model.zero_grad(set_to_none=True)
+            free_memory()
+            if r is None:
                 continue
             mfu = f"{r['tflops'] / peak:.1%}" if peak else "n/a"
             memory = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
             figures = [f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.3g}",
                        mfu, memory, f"{r['real_share']:.1%}"]  # fmt: skip
             print(" | ".join([stage, setup.label(args.dtype), *figures]), flush=True)
-            free_memory()
         del model
         free_memory()
 

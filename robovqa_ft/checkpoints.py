@@ -63,7 +63,12 @@ BOOKKEEPING = {
 
 def shaping_settings(section: str, values: dict) -> dict:
     """The part of a config section that shapes the trained weights."""
-    return {k: v for k, v in values.items() if k not in BOOKKEEPING.get(section, ())}
+    shaping = {k: v for k, v in values.items() if k not in BOOKKEEPING.get(section, ())}
+    # Padding and packing see the same samples in the same order, to float rounding;
+    # only length grouping changes the order.
+    if section == "training" and shaping.get("padding") in ("longest", "packed"):
+        del shaping["padding"]
+    return shaping
 
 
 def fingerprint(settings: dict, inputs: list[Path | str]) -> str:

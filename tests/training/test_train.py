@@ -279,3 +279,7 @@ def test_fingerprint_ignores_bookkeeping_but_not_what_shapes_the_weights(tiny_se
     changed_lr = {**settings, "stage": {**settings["stage"], "learning_rate": 1e-4}}
     assert fingerprint(changed_lr, data) != base
     assert fingerprint(settings, [tiny_setup["stage2_train"]]) != base
+    packed = {**settings, "training": {**settings["training"], "padding": "packed"}}
+    assert fingerprint(packed, data) == base  # same samples, same order
+    grouped = {**settings, "training": {**settings["training"], "padding": "grouped"}}
+    assert fingerprint(grouped, data) != base  # another order

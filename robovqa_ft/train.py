@@ -153,7 +153,9 @@ class CurriculumTrainer(Trainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
-        return self.train_sampler or super()._get_train_sampler(train_dataset)
+        if self.train_sampler is not None:
+            return self.train_sampler
+        return super()._get_train_sampler(train_dataset)
 
 
 @contextmanager

@@ -19,14 +19,11 @@ import tempfile
 import time
 
 import torch
-from synthetic import write_clips
+from synthetic import STAGES, processor_for, stage_dataset, write_clips
 from torch.utils.data import DataLoader, RandomSampler
 
-from robovqa_ft.model import FAMILIES
-from robovqa_ft.random_model import build_processor, conversation_texts
-from robovqa_ft.samples import JsonlDataset, SampleBuilder, collator
+from robovqa_ft.samples import JsonlDataset, collator
 
-STAGES = {"stage1": (4, 2048), "stage2": (10, 4096)}  # max_frames, max_seq_len (config.yaml)
 MICRO_BATCH = 2
 
 
@@ -57,8 +54,9 @@ def _loader_rate(dataset: JsonlDataset, collate, workers: int, batches: int, see
     return samples / (time.perf_counter() - start)
 
 
-def breakdown_ms(builder: SampleBuilder, dataset: JsonlDataset, collate, count: int) -> dict:
+def breakdown_ms(dataset: JsonlDataset, collate, count: int) -> dict:
     """Median milliseconds per sample of each part, in this process."""
+    builder = dataset.builder
     decode, encode, collate_ms = [], [], []  # decode: frames only; encode: the whole sample
     for i in range(count):
         row = dataset.row(i)
@@ -94,16 +92,13 @@ def main() -> None:
           f"{args.image_size} px tiles, 288 px frames, micro-batch {MICRO_BATCH}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_clips(tmp, args.clips, seed=args.seed)
-        processor = build_processor(conversation_texts([paths["stage2"]]), args.image_size, 8000)
+        processor = processor_for(paths, args.image_size)
         collate = collator("longest", processor.tokenizer.pad_token_id)
         print("stage | part | ms per sample (one process)")
         datasets = {}
-        for stage, (frames, max_seq_len) in STAGES.items():
-            builder = SampleBuilder(
-                processor, FAMILIES["internvl"], paths["images"], frames, max_seq_len
-            )
-            datasets[stage] = JsonlDataset(paths[stage], builder)
-            parts = breakdown_ms(builder, datasets[stage], collate, min(8, args.clips - 1))
+        for stage in STAGES:
+            datasets[stage] = stage_dataset(processor, paths, stage)
+            parts = breakdown_ms(datasets[stage], collate, min(8, args.clips - 1))
             for part, ms in parts.items():
                 print(f"{stage} | {part} | {ms:.1f}")
         print("stage | workers | samples/s | samples/s per worker")

@@ -19,13 +19,10 @@ import tempfile
 import time
 
 import torch
-from synthetic import write_clips
+from synthetic import STAGES, processor_for, stage_dataset, write_clips
 
-from robovqa_ft.model import FAMILIES
-from robovqa_ft.random_model import build_processor, conversation_texts
-from robovqa_ft.samples import JsonlDataset, SampleBuilder, StepSortedSampler
+from robovqa_ft.samples import StepSortedSampler
 
-STAGES = {"stage1": (4, 2048), "stage2": (10, 4096)}  # max_frames, max_seq_len (config.yaml)
 SAMPLES_PER_STEP = 32
 
 
@@ -66,14 +63,11 @@ def main() -> None:
           f"{args.clips} synthetic clips")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_clips(tmp, args.clips, seed=args.seed, shared_frames=True)
-        processor = build_processor(conversation_texts([paths["stage2"]]), 448, 8000)
+        processor = processor_for(paths)
         print("stage | samples | tokens per sample: mean, min, max")
         lengths = {}
-        for stage, (frames, max_seq_len) in STAGES.items():
-            builder = SampleBuilder(
-                processor, FAMILIES["internvl"], paths["images"], frames, max_seq_len
-            )
-            lengths[stage] = JsonlDataset(paths[stage], builder).token_lengths()
+        for stage in STAGES:
+            lengths[stage] = stage_dataset(processor, paths, stage).token_lengths()
             values = lengths[stage]
             print(f"{stage} | {len(values)} | {statistics.mean(values):.0f}, "
                   f"{min(values)}, {max(values)}")  # fmt: skip

@@ -1,5 +1,6 @@
 """Clips as `extract_frames` and `build_jsonl` would leave them (frames on disk, stage-1
-and stage-2 JSONL), made without TensorFlow so that torch benchmarks can use them.
+and stage-2 JSONL), made without TensorFlow so that torch benchmarks can use them, and
+read back as training reads them.
 
 Texts come from the demo generator, with the number of questions per clip drawn to
 match the real data (ROBOVQA.md: about 3.6 QAs per clip, 2 to 7 seen): the two yes/no
@@ -13,12 +14,20 @@ import json
 import random
 from pathlib import Path
 
+import yaml
+
 from robovqa_ft.demo_bucket import clip_frames, clip_text, random_clip
 from robovqa_ft.frames import clip_frame_paths
 from robovqa_ft.jsonl import stage1_lines, stage2_line
+from robovqa_ft.model import FAMILIES
 from robovqa_ft.qa import parse_qa_text
+from robovqa_ft.random_model import build_processor, conversation_texts
+from robovqa_ft.samples import JsonlDataset, SampleBuilder
 
 FRAMES_PER_CLIP = 16
+# The real run's settings: each stage's frames, sequence length and hyperparameters.
+CONFIG = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+STAGES = ("stage1", "stage2")
 
 
 def robovqa_freeform_count(rng: random.Random) -> int:
@@ -63,3 +72,16 @@ def write_clips(
     for name, rows in (("stage1", stage1), ("stage2", stage2)):
         paths[name].write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return paths
+
+
+def processor_for(paths: dict[str, Path], image_size: int = 448):
+    """InternVL's processor with a tokenizer trained on the clips' text."""
+    return build_processor(conversation_texts([paths["stage2"]]), image_size, vocab_size=8000)
+
+
+def stage_dataset(processor, paths: dict[str, Path], stage: str) -> JsonlDataset:
+    """The stage's samples as training builds them, at config.yaml's frames and length."""
+    settings = CONFIG[stage]
+    builder = SampleBuilder(processor, FAMILIES["internvl"], paths["images"],
+                            settings["max_frames"], settings["max_seq_len"])  # fmt: skip
+    return JsonlDataset(paths[stage], builder)

@@ -38,17 +38,16 @@ import time
 from pathlib import Path
 
 import torch
-from synthetic import write_clips
+from synthetic import CONFIG, STAGES, stage_dataset, write_clips
 from torch.utils.data import Dataset
 from transformers import PrinterCallback, TrainerCallback
 from transformers.utils import is_flash_attn_2_available
 
-from robovqa_ft.model import FAMILIES, attach_lora, load_model, load_processor
+from robovqa_ft.model import attach_lora, load_model, load_processor
 from robovqa_ft.random_model import build_random_internvl, conversation_texts
-from robovqa_ft.samples import JsonlDataset, SampleBuilder, StepSortedSampler, collator
+from robovqa_ft.samples import StepSortedSampler, collator
 from robovqa_ft.train import CurriculumTrainer, MetricsLog, training_arguments
 
-STAGES = {"stage1": (4, 2048), "stage2": (10, 4096)}  # max_frames, max_seq_len (config.yaml)
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
 
 
@@ -140,20 +139,15 @@ def model_flops(config, lengths: list[int], tiles: int, lora_params: int) -> flo
 
 
 def encode(paths: dict, processor, stage: str, count: int) -> list[dict]:
-    frames, max_seq_len = STAGES[stage]
-    builder = SampleBuilder(processor, FAMILIES["internvl"], paths["images"], frames, max_seq_len)
-    dataset = JsonlDataset(paths[stage], builder)
+    dataset = stage_dataset(processor, paths, stage)
     return [dataset[i % len(dataset)] for i in range(count)]
 
 
 def measure(setup: Setup, stage: str, model, processor, samples: list[dict], args, out: Path):
     """Time `args.steps` optimizer steps after one warm-up step; returns the figures."""
-    frames, max_seq_len = STAGES[stage]
-    stage_settings = {
-        "batch_size": setup.micro_batch, "grad_accum": args.samples_per_step // setup.micro_batch,
-        "learning_rate": 2e-5, "epochs": 1, "warmup_ratio": 0, "scheduler": "constant",
-        "max_grad_norm": 1.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "weight_decay": 0.01,
-        "max_frames": frames, "max_seq_len": max_seq_len,
+    stage_settings = {  # config.yaml's stage, with this setup's micro-batch
+        **CONFIG[stage], "batch_size": setup.micro_batch,
+        "grad_accum": args.samples_per_step // setup.micro_batch,
     }  # fmt: skip
     training = {"max_steps": 1 + args.steps, "logging_steps": 10**6, "eval_steps": 10**6,
                 "save_steps": 10**6, "save_total_limit": 2, "seed": 0,
@@ -214,7 +208,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keeps the random model between runs")
     parser.add_argument("--samples-per-step", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--only", type=int, nargs="+", help="run these setups (1-based)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak")
     parser.add_argument("--tiny", action="store_true", help="tiny model, CPU, float32 (tests)")

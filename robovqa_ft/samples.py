@@ -232,8 +232,8 @@ class StepSortedSampler(Sampler):
             yield from sorted(step, key=lambda i: -self.lengths[i])
 
 
-# What `pad_batch` counts beside the model inputs; the model must not see them.
-COUNTERS = ("dropped_turns", "skipped_samples")
+# What the collators count beside the model inputs; the model must not see them.
+COUNTERS = ("samples", "dropped_turns", "skipped_samples")
 
 
 def split_counters(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
@@ -262,6 +262,7 @@ def _present(samples: list[dict | None]) -> list[dict]:
 
 
 def _counters(batch: dict[str, Any], samples: list[dict], given: int) -> dict[str, Any]:
+    batch["samples"] = torch.tensor(len(samples))  # a packed row holds several
     batch["dropped_turns"] = torch.tensor(sum(s["dropped_turns"] for s in samples))
     batch["skipped_samples"] = torch.tensor(given - len(samples))  # not even one answer fit
     return batch

@@ -86,7 +86,7 @@ class MetricsLog(TrainerCallback):
         self.dropped = self.skipped = 0  # per logging window, like samples and tokens
 
     def count(
-        self, samples: int, tokens: int, computed: int, dropped_turns: int, skipped_samples: int
+        self, tokens: int, computed: int, *, samples: int, dropped_turns: int, skipped_samples: int
     ) -> None:
         self.samples += samples
         self.tokens += tokens
@@ -146,10 +146,7 @@ class CurriculumTrainer(Trainer):
     def compute_loss(self, model, inputs, *args, **kwargs):
         inputs, counters = split_counters(inputs)
         if model.training:
-            samples = len(inputs["input_ids"])
-            if "position_ids" in inputs:  # packed: one row holds the micro-batch
-                samples = int((inputs["position_ids"] == 0).sum())
-            self.metrics.count(samples, *real_tokens(inputs), **counters)
+            self.metrics.count(*real_tokens(inputs), **counters)
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):

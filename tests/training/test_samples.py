@@ -344,6 +344,7 @@ def test_pad_batch_right_pads_and_concatenates_tiles(data, internvl):
     assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"]]))
     assert batch["dropped_turns"].item() == 3
     assert batch["skipped_samples"].item() == 1  # the None: not even one answer fit
+    assert batch["samples"].item() == 2
 
 
 # --- length grouping and padding-free packing ---
@@ -405,6 +406,7 @@ def test_pack_batch_lays_samples_end_to_end_with_restarting_positions(data, inte
     assert torch.equal(batch["labels"][0, :n_a], a["labels"])
     assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"]]))
     assert (batch["skipped_samples"].item(), batch["dropped_turns"].item()) == (1, 0)
+    assert batch["samples"].item() == 2
     assert real_tokens(batch) == (n_a + n_b, n_a + n_b)
     padded = pad_batch([a, b], pad_token_id=internvl["processor"].tokenizer.pad_token_id)
     assert real_tokens(padded) == (n_a + n_b, 2 * max(n_a, n_b))

@@ -4,7 +4,7 @@ vs packed micro-batches, on stage-1 and stage-2 samples shaped like the real dat
 Lengths come from the project's own `SampleBuilder.token_lengths` at InternVL3's real
 frame cost (448 px tile = 256 image tokens, plus <img> and </img>), on synthetic clips
 whose QA count per clip follows the real statistics (benchmarks/synthetic.py). Batches
-come from the training code's own orders: a seeded shuffle, or `StepSortedSampler`.
+come from the training code's own orders: a seeded shuffle, or `StepSampler` with lengths.
 
 Run: `make bench` (or `python benchmarks/padding.py --help`).
 """
@@ -18,10 +18,9 @@ import statistics
 import tempfile
 import time
 
-import torch
 from synthetic import STAGES, processor_for, stage_dataset, write_clips
 
-from robovqa_ft.samples import StepSortedSampler
+from robovqa_ft.samples import StepSampler
 
 SAMPLES_PER_STEP = 32
 
@@ -37,15 +36,15 @@ def computed_tokens(lengths: list[int], order: list[int], micro_batch: int, padd
 
 def real_token_shares(lengths: list[int], micro_batch: int, seed: int) -> dict[str, float]:
     step = micro_batch * max(1, SAMPLES_PER_STEP // micro_batch)
-    shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    shuffled = list(StepSampler(len(lengths), step, seed))  # the training order
     orders = {
         "longest": shuffled,
-        "grouped": list(StepSortedSampler(lengths, step, seed)),
+        "grouped": list(StepSampler(len(lengths), step, seed, lengths)),
         "packed": shuffled,
     }
-    real = sum(lengths)
     return {
-        padding: real / computed_tokens(lengths, order, micro_batch, padding)
+        padding: sum(lengths[i] for i in order)
+        / computed_tokens(lengths, order, micro_batch, padding)
         for padding, order in orders.items()
     }
 

@@ -45,7 +45,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from robovqa_ft.model import attach_lora, load_model, load_processor
 from robovqa_ft.random_model import build_random_internvl, conversation_texts
-from robovqa_ft.samples import StepSortedSampler, collator
+from robovqa_ft.samples import StepSampler, collator
 from robovqa_ft.train import CurriculumTrainer, MetricsLog, training_arguments
 
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
@@ -151,7 +151,7 @@ def measure(setup: Setup, stage: str, model, processor, samples: list[dict], arg
     }  # fmt: skip
     training = {"max_steps": 1 + args.steps, "logging_steps": 10**6, "eval_steps": 10**6,
                 "save_steps": 10**6, "save_total_limit": 2, "seed": 0,
-                "dataloader_workers": 0}  # fmt: skip
+                "dataloader_workers": 0, "hang_timeout_minutes": 30}  # fmt: skip
     model_settings = {"dtype": args.dtype}
     targs = training_arguments(out, stage_settings, training, model_settings)
     targs = dataclasses.replace(targs, eval_strategy="no", save_strategy="no", disable_tqdm=True)
@@ -161,7 +161,7 @@ def measure(setup: Setup, stage: str, model, processor, samples: list[dict], arg
     )  # fmt: skip
     if setup.padding == "grouped":
         lengths = [len(s["input_ids"]) for s in samples]
-        trainer.train_sampler = StepSortedSampler(lengths, args.samples_per_step, 0)
+        trainer.train_sampler = StepSampler(len(lengths), args.samples_per_step, 0, lengths)
     trainer.metrics = MetricsLog(out, 0, 0)
     timer = StepTimer(trainer.metrics)
     trainer.add_callback(timer)

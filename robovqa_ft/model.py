@@ -16,6 +16,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
+from robovqa_ft.ranks import world
+
 log = logging.getLogger(__name__)
 
 # Full module paths: a bare list of names would also hit the vision tower's projections.
@@ -79,7 +81,7 @@ def load_model(
     gradient_checkpointing: bool,
     max_memory_gb: float | None = None,
 ) -> Any:
-    """The base model, frozen, on the GPU if there is one, ready for LoRA.
+    """The base model, frozen, on this process's GPU if there is one, ready for LoRA.
 
     `quantization`: "nf4" (QLoRA: 4-bit NF4 with double quantization, computing in
     `dtype`; vision tower, projector and head kept as they are) or "none".
@@ -100,10 +102,14 @@ def load_model(
     elif quantization != "none":
         raise ValueError(f"quantization {quantization!r} is not 'nf4' or 'none'")
     if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        # By local rank: under torchrun each process has its own GPU of the job's.
+        device = world().local_rank
+        kwargs["device_map"] = {"": device}
         if max_memory_gb:
-            total = torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gb * 2**30 / total))
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, max_memory_gb * 2**30 / total), device
+            )
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     model.requires_grad_(False)
     if quantization == "nf4":

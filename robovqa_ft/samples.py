@@ -206,30 +206,64 @@ class JsonlDataset(Dataset):
         return self.builder.encode(self.row(index))
 
 
-class StepSortedSampler(Sampler):
-    """A fresh seeded shuffle each epoch, then each optimizer step's samples sorted longest
-    first: a step is still a random draw, but its micro-batches hold similar lengths.
+class StepSampler(Sampler):
+    """The training order: a fresh seeded shuffle each epoch, cut to whole optimizer steps.
 
-    Sorting within whole steps (not across many, as transformers' `LengthGroupedSampler`
+    The remainder of fewer than one step is dropped, so every step holds `step_size`
+    samples on one process or on eight (under DDP, accelerate would pad a short last step
+    with start-of-epoch samples). The ranks deal the order's micro-batches round-robin
+    (accelerate's `BatchSamplerShard`), so a step's samples are the same for any count.
+
+    With `lengths` (training.padding "grouped"), each step's samples are sorted longest
+    first, so its micro-batches hold similar lengths, and dealt in snake order so that no
+    rank gets the longest micro-batch of every round. A step is still a random draw:
+    sorting within whole steps (not across many, as transformers' `LengthGroupedSampler`
     does by default) keeps long planning questions from filling whole steps of their own.
     """
 
-    def __init__(self, lengths: list[int], step_size: int, seed: int):
-        self.lengths, self.step_size, self.seed = lengths, step_size, seed
+    def __init__(
+        self,
+        size: int,
+        step_size: int,
+        seed: int,
+        lengths: list[int] | None = None,
+        batch_size: int = 1,
+        ranks: int = 1,
+    ):
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"{len(lengths)} lengths for {size} samples")
+        self.size, self.step_size, self.seed = size, step_size, seed
+        self.lengths, self.batch_size, self.ranks = lengths, batch_size, ranks
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it, also when resuming
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return self.size // self.step_size * self.step_size
+
+    @property
+    def steps(self) -> int:
+        return self.size // self.step_size
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        order = torch.randperm(self.size, generator=generator).tolist()[: len(self)]
         for start in range(0, len(order), self.step_size):
             step = order[start : start + self.step_size]
-            yield from sorted(step, key=lambda i: -self.lengths[i])
+            if self.lengths is not None:
+                step = sorted(step, key=lambda i: -self.lengths[i])
+                step = snake_order(step, self.batch_size, self.ranks)
+            yield from step
+
+
+def snake_order(step: list[int], batch_size: int, ranks: int) -> list[int]:
+    """A step's samples re-laid so that dealing its micro-batches round-robin gives rank
+    0 the first, 1 the second ... in even rounds and the reverse in odd ones."""
+    micro = [step[i : i + batch_size] for i in range(0, len(step), batch_size)]
+    rounds = [micro[i : i + ranks] for i in range(0, len(micro), ranks)]
+    dealt = [r[::-1] if j % 2 else r for j, r in enumerate(rounds)]
+    return [i for round_ in dealt for batch in round_ for i in batch]
 
 
 # What the collators count beside the model inputs; the model must not see them.

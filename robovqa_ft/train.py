@@ -9,17 +9,19 @@ Trainer; resume or start; save the adapter atomically.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from robovqa_ft import ranks
 from robovqa_ft.checkpoints import (
     COMPLETE_MARKER,
     exclusive_lock,
@@ -27,12 +29,12 @@ from robovqa_ft.checkpoints import (
     latest_complete_checkpoint,
     prepare_checkpoint_dir,
 )
-from robovqa_ft.files import atomic_directory, atomic_open
+from robovqa_ft.files import atomic_directory, atomic_open, write_json_atomic
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
 from robovqa_ft.samples import (
     JsonlDataset,
     SampleBuilder,
-    StepSortedSampler,
+    StepSampler,
     collator,
     real_tokens,
     split_counters,
@@ -42,7 +44,12 @@ log = logging.getLogger(__name__)
 
 
 class CrashSafety(TrainerCallback):
-    """Marks finished checkpoints, saves every `save_every_minutes`, and on SIGTERM."""
+    """Marks finished checkpoints, saves every `save_every_minutes`, and on SIGTERM.
+
+    Under DDP the ranks agree: a save or a stop wanted by any rank happens on every rank
+    at the same step, and rank 0 marks a checkpoint complete only once every rank has
+    written its part of it.
+    """
 
     def __init__(self, checkpoint_dir: Path, save_every_minutes: float):
         self.checkpoint_dir = checkpoint_dir
@@ -56,23 +63,45 @@ class CrashSafety(TrainerCallback):
         self.terminated = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.terminated:
+        due = time.monotonic() - self.last_save >= self.interval
+        terminated, due = ranks.highest([self.terminated, due])
+        if terminated:
+            self.terminated = True
+            log.warning("stopping at step %d, after saving a checkpoint", state.global_step)
             control.should_save = control.should_training_stop = True
-        elif time.monotonic() - self.last_save >= self.interval:
+        elif due:
             control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
-        # Trainer calls this right after the checkpoint folder is fully written.
-        folder = self.checkpoint_dir / f"checkpoint-{state.global_step}"
-        (folder / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        # The Trainer calls this on every rank right after that rank's part of the save.
+        ranks.barrier()
+        if ranks.world().is_main:
+            folder = self.checkpoint_dir / f"checkpoint-{state.global_step}"
+            files = sorted(p.name for p in folder.iterdir())
+            (folder / COMPLETE_MARKER).write_text(
+                time.strftime("%Y-%m-%d %H:%M:%S\n") + "".join(f"{f}\n" for f in files)
+            )
+            log.info("checkpoint saved: step=%d", state.global_step)
         self.last_save = time.monotonic()
-        log.info("checkpoint saved: step=%d", state.global_step)
+
+
+class SamplerEpoch(TrainerCallback):
+    """Gives the sampler its epoch at each epoch's start, from the step count: on a
+    mid-epoch resume under DDP the Trainer's own `set_epoch` does not reach a sampler
+    inside accelerate's skip and shard wrappers, and would replay epoch 0's order."""
+
+    def __init__(self, sampler: StepSampler):
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.set_epoch(state.global_step // self.sampler.steps)
 
 
 class MetricsLog(TrainerCallback):
-    """`train_metrics.csv` and `eval_metrics.csv` in the run folder, kept across resumes."""
+    """`train_metrics.csv` and `eval_metrics.csv` in the run folder, kept across resumes.
+    Counters are the job's (summed over ranks); rank 0 writes."""
 
-    TRAIN = ["step", "epoch", "loss", "learning_rate", "grad_norm", "samples_per_s",
+    TRAIN = ["step", "epoch", "loss", "learning_rate", "grad_norm", "samples", "samples_per_s",
              "tokens_per_s", "real_token_share", "peak_memory_gb", "dropped_turns",
              "skipped_samples"]  # fmt: skip
     EVAL = ["step", "epoch", "eval_loss", "eval_samples"]
@@ -80,8 +109,10 @@ class MetricsLog(TrainerCallback):
     def __init__(self, run_dir: Path, resumed_step: int, eval_samples: int):
         self.train_csv, self.eval_csv = run_dir / "train_metrics.csv", run_dir / "eval_metrics.csv"
         self.eval_samples = eval_samples
+        self.writes = ranks.world().is_main
         for path, fields in ((self.train_csv, self.TRAIN), (self.eval_csv, self.EVAL)):
-            _keep_rows_up_to(path, fields, resumed_step)
+            if self.writes:
+                _keep_rows_up_to(path, fields, resumed_step)
         self.window_start, self.samples, self.tokens, self.computed = time.monotonic(), 0, 0, 0
         self.dropped = self.skipped = 0  # per logging window, like samples and tokens
 
@@ -97,20 +128,25 @@ class MetricsLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
-        if "eval_loss" in logs:
+        if "eval_loss" in logs and self.writes:
             _append(self.eval_csv, self.EVAL, {**row, "eval_loss": logs["eval_loss"],
                                                "eval_samples": self.eval_samples})  # fmt: skip
         elif "loss" in logs:
             seconds = max(time.monotonic() - self.window_start, 1e-9)
+            samples, tokens, computed, dropped, skipped = ranks.summed(
+                [self.samples, self.tokens, self.computed, self.dropped, self.skipped]
+            )
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
-            _append(self.train_csv, self.TRAIN, {
-                **row, "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
-                "grad_norm": logs.get("grad_norm"), "samples_per_s": self.samples / seconds,
-                "tokens_per_s": self.tokens / seconds,
-                "real_token_share": round(self.tokens / max(self.computed, 1), 4),
-                "peak_memory_gb": round(peak, 3),
-                "dropped_turns": self.dropped, "skipped_samples": self.skipped,
-            })  # fmt: skip
+            (peak,) = ranks.highest([peak])
+            if self.writes:
+                _append(self.train_csv, self.TRAIN, {
+                    **row, "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
+                    "grad_norm": logs.get("grad_norm"), "samples": int(samples),
+                    "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+                    "real_token_share": round(tokens / max(computed, 1), 4),
+                    "peak_memory_gb": round(peak, 3),
+                    "dropped_turns": int(dropped), "skipped_samples": int(skipped),
+                })  # fmt: skip
             self.window_start, self.samples, self.tokens, self.computed = time.monotonic(), 0, 0, 0
             self.dropped = self.skipped = 0
 
@@ -137,11 +173,11 @@ def _keep_rows_up_to(path: Path, fields: list[str], step: int) -> None:
 
 
 class CurriculumTrainer(Trainer):
-    """The Trainer, counting real tokens and dropped turns for the metrics, and ordering
-    samples by length within each step when `train_sampler` is given."""
+    """The Trainer, counting real tokens and dropped turns for the metrics, and taking its
+    training order from `train_sampler` when given."""
 
     metrics: MetricsLog
-    train_sampler: StepSortedSampler | None = None
+    train_sampler: StepSampler | None = None
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         inputs, counters = split_counters(inputs)
@@ -190,7 +226,8 @@ def train_run(
 
     `model`, `lora`, `stage` and `training` are the config sections of the same names.
     `data_metadata` (the data's metadata.json) joins the fingerprint, so frames extracted
-    anew with other settings never resume old checkpoints.
+    anew with other settings never resume old checkpoints. Under torchrun, every rank
+    calls this; rank 0 alone locks, checks and writes the run's files.
     """
     run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
     family = model_family(model["name"])
@@ -199,14 +236,29 @@ def train_run(
             f"training.padding 'packed' needs 1-D rotary positions (InternVL); {model['name']} "
             "uses 3-D ones: use 'grouped' instead"
         )
+    me = ranks.world()
+    ranks.per_rank_accumulation(stage["grad_accum"], me.size)  # before anything loads
+    ranks.start(training["hang_timeout_minutes"])
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model": model, "lora": lora, "stage": stage, "training": training,
                 "init_adapter": str(init_adapter) if init_adapter else None}  # fmt: skip
-    with _also_logged_to(run_dir / "training.log"), exclusive_lock(checkpoint_dir):
-        inputs = [p for p in (train_jsonl, data_metadata, init_adapter) if p is not None]
-        prepare_checkpoint_dir(checkpoint_dir, fingerprint(settings, inputs))
-        with atomic_open(run_dir / "config.yaml") as handle:
-            yaml.safe_dump(settings, handle, sort_keys=False)
+
+    def main_only(context: AbstractContextManager) -> AbstractContextManager:
+        return context if me.is_main else nullcontext()
+
+    with (
+        main_only(_also_logged_to(run_dir / "training.log")),
+        main_only(exclusive_lock(checkpoint_dir)),
+    ):
+        current = None
+        if me.is_main:
+            inputs = [p for p in (train_jsonl, data_metadata, init_adapter) if p is not None]
+            current = fingerprint(settings, inputs)
+            prepare_checkpoint_dir(checkpoint_dir, current)
+            with atomic_open(run_dir / "config.yaml") as handle:
+                yaml.safe_dump(settings, handle, sort_keys=False)
+            log.info("Training with %d processes", me.size)
+        current = ranks.from_main(current)  # also waits for rank 0 to sort the checkpoints
         resume = latest_complete_checkpoint(checkpoint_dir)
 
         set_seed(training["seed"])  # before LoRA's random initialisation
@@ -221,24 +273,23 @@ def train_run(
         )
         train_set = JsonlDataset(train_jsonl, builder)
         val_set = JsonlDataset(val_jsonl, builder, limit=training["eval_samples"])
+        sampler = training_order(train_set, stage, training, checkpoint_dir, current)
+        args = training_arguments(checkpoint_dir, stage, training, model)
+        if args.world_size != me.size:  # e.g. torchrun with use_cpu=False on a CPU box
+            raise RuntimeError(f"{me.size} processes, but the Trainer sees {args.world_size}")
         trainer = CurriculumTrainer(
             model=peft_model,
-            args=training_arguments(checkpoint_dir, stage, training, model),
+            args=args,
             train_dataset=train_set,
             eval_dataset=val_set,
             data_collator=collator(training["padding"], processor.tokenizer.pad_token_id),
         )
-        if training["padding"] == "grouped":
-            log.info("Measuring %d samples' token lengths for length grouping", len(train_set))
-            step = stage["batch_size"] * stage["grad_accum"]
-            trainer.train_sampler = StepSortedSampler(
-                train_set.token_lengths(), step, training["seed"]
-            )
+        trainer.train_sampler = sampler
         resumed_step = int(resume.name.split("-")[-1]) if resume else 0
         trainer.metrics = MetricsLog(run_dir, resumed_step, len(val_set))
         safety = CrashSafety(checkpoint_dir, training["save_every_minutes"])
-        trainer.add_callback(safety)
-        trainer.add_callback(trainer.metrics)
+        for callback in (safety, trainer.metrics, SamplerEpoch(sampler)):
+            trainer.add_callback(callback)
         if resume:
             log.info("Resumed from checkpoint: step=%d (%s)", resumed_step, resume)
         else:
@@ -249,22 +300,62 @@ def train_run(
             signal.signal(signal.SIGTERM, safety.previous_handler)
         if safety.terminated:
             raise SystemExit(f"stopped by SIGTERM; resume from {checkpoint_dir} by re-running")
-        with atomic_directory(adapter_dir) as tmp:
-            peft_model.save_pretrained(tmp)
-        log.info("adapter written to %s", adapter_dir)
+        if me.is_main:
+            with atomic_directory(adapter_dir) as tmp:
+                peft_model.save_pretrained(tmp)
+            log.info("adapter written to %s", adapter_dir)
+        ranks.barrier()
+    ranks.stop()
     return Path(adapter_dir)
+
+
+def training_order(
+    train_set: JsonlDataset, stage: dict, training: dict, checkpoint_dir: Path, current: str
+) -> StepSampler:
+    """The sampler of whole optimizer steps; for length grouping, with the samples' token
+    lengths, measured once per run by rank 0 and kept beside its checkpoints."""
+    me = ranks.world()
+    step = stage["batch_size"] * stage["grad_accum"]
+    lengths = None
+    if training["padding"] == "grouped":
+        path = checkpoint_dir / f"token_lengths-{current[:16]}.json"
+        if me.is_main and not path.exists():
+            log.info("Measuring %d samples' token lengths for length grouping", len(train_set))
+            write_json_atomic(path, train_set.token_lengths())
+            for old in checkpoint_dir.glob("token_lengths-*.json"):
+                if old != path:
+                    old.unlink()
+        ranks.barrier()
+        lengths = json.loads(path.read_text())
+    sampler = StepSampler(
+        len(train_set), step, training["seed"], lengths, stage["batch_size"], me.size
+    )
+    if sampler.steps == 0:
+        raise ValueError(
+            f"{len(train_set)} training samples are fewer than one optimizer step "
+            f"(batch_size {stage['batch_size']} × grad_accum {stage['grad_accum']})"
+        )
+    if len(sampler) < len(train_set):
+        log.info(
+            "Each epoch is %d whole steps of %d samples: the last %d samples of each "
+            "epoch's shuffle are left out", sampler.steps, step, len(train_set) - len(sampler),
+        )  # fmt: skip
+    return sampler
 
 
 def training_arguments(
     checkpoint_dir: Path, stage: dict, training: dict, model: dict
 ) -> TrainingArguments:
-    """The stage's hyperparameters, one to one, plus the run's checkpoint and eval cadence."""
+    """The stage's hyperparameters, one to one, plus the run's checkpoint and eval cadence.
+    Each process accumulates its share of `grad_accum`: the global batch never changes."""
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=stage["batch_size"],
         per_device_eval_batch_size=stage["batch_size"],
-        gradient_accumulation_steps=stage["grad_accum"],
+        gradient_accumulation_steps=ranks.per_rank_accumulation(
+            stage["grad_accum"], ranks.world().size
+        ),
         learning_rate=stage["learning_rate"],
         num_train_epochs=stage["epochs"],
         max_steps=training["max_steps"],
@@ -290,4 +381,8 @@ def training_arguments(
         report_to=[],
         disable_tqdm=False,
         use_cpu=not cuda,
+        # Only LoRA trains, and every LoRA weight is used: no search for unused ones
+        # (the Trainer would do it for a PeftModel).
+        ddp_find_unused_parameters=False,
+        ddp_timeout=round(training["hang_timeout_minutes"] * 60),
     )

@@ -34,6 +34,18 @@ def demo_settings():
     return config["demo"] if config["source"] == "demo" else {}
 
 
+def asked_resource(rule_name, resource, default):
+    """How much of `resource` is asked: `--set-resources` if it names it, else `default`."""
+    overrides = workflow.resource_settings.overwrite_resources.get(rule_name, {})
+    value = overrides.get(resource, default)
+    return getattr(value, "value", value)
+
+
+# GPUs (= training processes) per training job. Snakemake caps `gpu` at --resources
+# without a word; `gpu_asked` is never capped, so the job can tell and say so.
+TRAIN_GPUS = asked_resource("train", "gpu", config["training"]["gpus"])
+
+
 TINY_MODEL = "results/models/tiny"
 RUNS = ("stage1", "stage2", "stage2_only")
 

@@ -36,11 +36,14 @@ rule train:
     retries: 2  # a crash resumes from the newest checkpoint by itself
     conda:
         "../envs/train.yaml"
-    threads: max(2, config["training"]["dataloader_workers"] + 1)  # data workers + the loop
+    # per process: its data workers and its loop
+    threads: TRAIN_GPUS * max(2, config["training"]["dataloader_workers"] + 1)
     resources:
-        gpu=1,  # one training per GPU; the default profile has one
+        gpu=TRAIN_GPUS,  # one process per GPU; the default profile declares one GPU
+        gpu_asked=TRAIN_GPUS,
     # Only what shapes the weights is a param (a change re-runs training); the script
-    # reads the bookkeeping keys (save/eval cadence, workers, memory cap) from the config.
+    # reads the bookkeeping keys (save/eval cadence, workers, memory cap, GPU count)
+    # from the config.
     params:
         run_dir="results/{run}",
         checkpoint_dir="results/checkpoints/{run}",

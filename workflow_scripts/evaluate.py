@@ -1,9 +1,11 @@
-"""Snakemake adapter: evaluate one run (or the base model) on both val sets."""
+"""Snakemake adapter: evaluate one run (or the base model) on both val sets, on a GPU
+of its own."""
 
+from robovqa_ft.devices import allocated_gpus
 from robovqa_ft.evaluate import evaluate_run
 from robovqa_ft.logs import log_to
 
-with log_to(snakemake.log[0]):
+with log_to(snakemake.log[0]), allocated_gpus(snakemake.resources.gpu):
     evaluate_run(
         adapter_dir=snakemake.input.get("adapter"),
         val_jsonl={"stage1": snakemake.input.stage1_val, "stage2": snakemake.input.stage2_val},

@@ -21,7 +21,7 @@ from robovqa_ft.samples import (
     IGNORE_INDEX,
     JsonlDataset,
     SampleBuilder,
-    StepSortedSampler,
+    StepSampler,
     frame_indices,
     pack_batch,
     pad_batch,
@@ -372,9 +372,9 @@ def test_qwen_token_lengths_equal_the_encoded_lengths(data, qwen_processor):
     assert builder.token_lengths(rows) == [len(builder.encode(r)["input_ids"]) for r in rows]
 
 
-def test_step_sorted_sampler_sorts_within_each_step_and_reshuffles_per_epoch():
+def test_grouped_sampler_sorts_within_each_step_and_reshuffles_per_epoch():
     lengths = [(i * 37) % 101 for i in range(40)]
-    sampler = StepSortedSampler(lengths, step_size=8, seed=3)
+    sampler = StepSampler(40, step_size=8, seed=3, lengths=lengths)
     first = list(sampler)
     assert sorted(first) == list(range(40))
     steps = [first[i : i + 8] for i in range(0, 40, 8)]
@@ -382,13 +382,25 @@ def test_step_sorted_sampler_sorts_within_each_step_and_reshuffles_per_epoch():
         assert [lengths[i] for i in step] == sorted((lengths[i] for i in step), reverse=True)
     # steps are random draws, not runs of similar lengths
     assert len({max(lengths[i] for i in step) for step in steps}) > 1
-    assert list(StepSortedSampler(lengths, 8, seed=3)) == first  # same seed, same order
+    assert list(StepSampler(40, 8, seed=3, lengths=lengths)) == first  # same seed, same order
     sampler.set_epoch(1)
     second = list(sampler)
     assert sorted(second) == list(range(40)) and second != first
-    resumed = StepSortedSampler(lengths, 8, seed=3)
+    resumed = StepSampler(40, 8, seed=3, lengths=lengths)
     resumed.set_epoch(1)
     assert list(resumed) == second  # a resumed run sees the same epoch order
+
+
+def test_sampler_drops_the_remainder_of_less_than_one_step_afresh_each_epoch():
+    sampler = StepSampler(45, step_size=8, seed=0)
+    assert len(sampler) == 40 and sampler.steps == 5
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert len(order) == len(set(order)) == 40 and set(order) <= set(range(45))
+        epochs.append(set(range(45)) - set(order))
+    assert len({frozenset(left_out) for left_out in epochs}) > 1  # not always the same 5
 
 
 def test_pack_batch_lays_samples_end_to_end_with_restarting_positions(data, internvl):

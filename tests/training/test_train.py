@@ -1,4 +1,3 @@
-import csv
 import json
 import shutil
 import signal
@@ -9,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from training_helpers import run_settings
+from training_helpers import adapter_weights, csv_rows, max_difference, run_settings, wait_for
 from training_helpers import train_tiny as run
 
 from robovqa_ft.checkpoints import (
@@ -23,21 +21,6 @@ from robovqa_ft.checkpoints import (
 )
 from robovqa_ft.model import attach_lora, load_model
 from robovqa_ft.train import train_run
-
-
-def adapter_weights(adapter: Path) -> dict[str, torch.Tensor]:
-    return load_file(adapter / "adapter_model.safetensors")
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def csv_rows(path: Path) -> list[dict]:
-    with path.open() as handle:
-        return list(csv.DictReader(handle))
-
 
 DRIVER = """
 import json, logging, sys, time
@@ -69,14 +52,6 @@ def start_training(setup, out: Path, slow_save: float = 0, **training) -> subpro
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "driver.log").open("w")
     return subprocess.Popen([sys.executable, "-c", code, args], stdout=log, stderr=log)
-
-
-def wait_for(path: Path, process: subprocess.Popen, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert process.poll() is None, f"trainer ended before {path} appeared"
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
 
 
 def test_stage1_loss_falls_and_metrics_are_written(tiny_setup, tmp_path):

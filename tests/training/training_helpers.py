@@ -1,10 +1,38 @@
-"""Settings for fast CPU training runs in tests."""
+"""Settings for fast CPU training runs in tests, and what the tests read of a run."""
 
 from __future__ import annotations
 
+import csv
+import subprocess
+import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from robovqa_ft.train import train_run
+
+
+def adapter_weights(adapter: Path) -> dict[str, torch.Tensor]:
+    return load_file(adapter / "adapter_model.safetensors")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, f"trainer ended before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
 
 
 def run_settings(model: Path, model_settings=(), stage=(), lora=(), **training) -> dict:
@@ -20,7 +48,8 @@ def run_settings(model: Path, model_settings=(), stage=(), lora=(), **training) 
                   "max_frames": 4, "max_seq_len": 512, **dict(stage)},
         "training": {"max_steps": 10, "logging_steps": 1, "eval_steps": 5, "eval_samples": 4,
                      "save_steps": 2, "save_total_limit": 3, "seed": 0, "dataloader_workers": 0,
-                     "save_every_minutes": 60, "padding": "longest", **training},
+                     "save_every_minutes": 60, "padding": "longest", "gpus": 1,
+                     "hang_timeout_minutes": 5, "stop_grace_seconds": 60, **training},
     }  # fmt: skip
 
 

@@ -34,11 +34,21 @@ def check_given_gpus(given: int, asked: int) -> None:
         )
 
 
+def per_rank_accumulation(grad_accum: int, processes: int) -> int:
+    """Micro-batches each process accumulates so that the global batch stays
+    batch_size × grad_accum whatever the process count."""
+    if grad_accum % processes:
+        raise ValueError(
+            f"grad_accum {grad_accum} does not divide over {processes} processes: the global "
+            f"batch (batch_size × grad_accum) must stay the same, so use a process count that "
+            f"divides {grad_accum}, or change grad_accum"
+        )
+    return grad_accum // processes
+
+
 def train_job(processes: int, asked: int, threads: int, run: dict) -> None:
     """Train one run (`run`: the keyword arguments of `train.train_run`) on `processes`
     GPUs of its own (or CPU processes where there is no GPU)."""
-    from robovqa_ft.ranks import per_rank_accumulation
-
     check_given_gpus(processes, asked)
     per_rank_accumulation(run["stage"]["grad_accum"], processes)  # before anything loads
     with allocated_gpus(processes):

@@ -34,18 +34,6 @@ def world() -> World:
     )
 
 
-def per_rank_accumulation(grad_accum: int, processes: int) -> int:
-    """Micro-batches each process accumulates so that the global batch stays
-    batch_size × grad_accum whatever the process count."""
-    if grad_accum % processes:
-        raise ValueError(
-            f"grad_accum {grad_accum} does not divide over {processes} processes: the global "
-            f"batch (batch_size × grad_accum) must stay the same, so use a process count that "
-            f"divides {grad_accum}, or change grad_accum"
-        )
-    return grad_accum // processes
-
-
 def start(hang_timeout_minutes: float) -> None:
     """Join the job's process group (NCCL on GPUs, gloo on the CPU). A collective that
     does not return within the timeout (a dead rank, a stuck GPU) raises, so the job

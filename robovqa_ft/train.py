@@ -30,6 +30,7 @@ from robovqa_ft.checkpoints import (
     prepare_checkpoint_dir,
 )
 from robovqa_ft.files import atomic_directory, atomic_open, write_json_atomic
+from robovqa_ft.launch import per_rank_accumulation
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
 from robovqa_ft.samples import (
     JsonlDataset,
@@ -237,7 +238,7 @@ def train_run(
             "uses 3-D ones: use 'grouped' instead"
         )
     me = ranks.world()
-    ranks.per_rank_accumulation(stage["grad_accum"], me.size)  # before anything loads
+    per_rank_accumulation(stage["grad_accum"], me.size)  # before anything loads
     ranks.start(training["hang_timeout_minutes"])
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model": model, "lora": lora, "stage": stage, "training": training,
@@ -325,6 +326,8 @@ def training_order(
             for old in checkpoint_dir.glob("token_lengths-*.json"):
                 if old != path:
                     old.unlink()
+        else:
+            log.info("Token lengths for length grouping from %s", path)
         ranks.barrier()
         lengths = json.loads(path.read_text())
     sampler = StepSampler(
@@ -353,9 +356,7 @@ def training_arguments(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=stage["batch_size"],
         per_device_eval_batch_size=stage["batch_size"],
-        gradient_accumulation_steps=ranks.per_rank_accumulation(
-            stage["grad_accum"], ranks.world().size
-        ),
+        gradient_accumulation_steps=per_rank_accumulation(stage["grad_accum"], ranks.world().size),
         learning_rate=stage["learning_rate"],
         num_train_epochs=stage["epochs"],
         max_steps=training["max_steps"],

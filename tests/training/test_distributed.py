@@ -32,7 +32,7 @@ from robovqa_ft.launch import train_job
 from robovqa_ft.logs import log_to
 args = json.loads(sys.argv[1])
 with log_to(args["log"]):
-    train_job(args["processes"], args["processes"], 4,
+    train_job(args["processes"], args["processes"], 2,
               {{**args["paths"], **run_settings(args["model"], **args["settings"])}})
 """
 
@@ -240,6 +240,7 @@ def test_a_stuck_rank_ends_the_job_within_the_hang_timeout(tiny_setup, tmp_path)
     os.kill(rank_pid(tmp_path, 1), signal.SIGSTOP)  # alive, but never answers again
     stuck = time.monotonic()
     assert process.wait(timeout=120) != 0
-    assert time.monotonic() - stuck < 18 + 5 + 30  # timeout, grace, and slack for the CPU
+    # The timeout, then torchrun's 30 s for the other ranks to exit, and slack for the CPU.
+    assert time.monotonic() - stuck < 18 + 30 + 30
     assert none_left(tmp_path)
     assert "Timed out" in (tmp_path / "job.log").read_text()

@@ -98,6 +98,13 @@ def test_grouped_training_pads_less_than_longest(tiny_setup, tmp_path):
         rows = csv_rows(tmp_path / padding / "train_metrics.csv")
         shares[padding] = sum(float(r["real_token_share"]) for r in rows) / len(rows)
     assert shares["longest"] < shares["grouped"] <= 1.0
+    # The lengths are measured once per run, not again on a restart.
+    grouped = tmp_path / "grouped"
+    assert len(list((grouped / "checkpoints").glob("token_lengths-*.json"))) == 1
+    shutil.rmtree(grouped / "adapter")
+    run(tiny_setup, grouped, max_steps=6, padding="grouped", stage={"batch_size": 2})
+    log = (grouped / "training.log").read_text()
+    assert log.count("Measuring") == 1 and "Token lengths for length grouping from" in log
 
 
 def test_packing_is_refused_for_qwen_vl_models_before_anything_loads(tmp_path):

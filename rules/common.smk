@@ -36,9 +36,9 @@ def demo_settings():
 
 def asked_resource(rule_name, resource, default):
     """How much of `resource` is asked: `--set-resources` if it names it, else `default`."""
-    overrides = workflow.resource_settings.overwrite_resources.get(rule_name, {})
-    value = overrides.get(resource, default)
-    return getattr(value, "value", value)
+    overrides = workflow.resource_settings.overwrite_resources.get(rule_name)
+    value = overrides.get(resource).value if overrides else None  # None if not named
+    return default if value is None else value
 
 
 # GPUs (= training processes) per training job. Snakemake caps `gpu` at --resources

@@ -58,12 +58,18 @@ def read_job(job_id: str) -> dict:
     return json.loads(job_file(job_id).read_text())
 
 
+def write_job(job: dict) -> None:
+    temporary = job_file(job["id"]).with_suffix(".tmp")
+    temporary.write_text(json.dumps(job))
+    temporary.replace(job_file(job["id"]))  # sacct never reads half a record
+
+
 def update_job(job_id: str, **changes) -> dict:
+    """Apply `changes` (values, or functions of the old value) to the job's record."""
     with locked(state_dir() / "jobs.lock"):
-        job = {**read_job(job_id), **changes}
-        temporary = job_file(job_id).with_suffix(".tmp")
-        temporary.write_text(json.dumps(job))
-        temporary.replace(job_file(job_id))  # readers never see half a file
+        job = read_job(job_id)
+        job.update({k: v(job[k]) if callable(v) else v for k, v in changes.items()})
+        write_job(job)
     return job
 
 
@@ -211,9 +217,9 @@ def sbatch(argv: list[str]) -> int:
         "output": str(workdir / output),
         "workdir": str(workdir),
         "script": script,
-        "steps": [],
+        "steps": 0,
     }
-    job_file(job_id).write_text(json.dumps(job))
+    write_job(job)
     # The job runs in a session of its own, as under slurmstepd, and outlives this call.
     subprocess.Popen(
         [sys.executable, __file__, "run-batch-job", job_id],
@@ -269,12 +275,11 @@ def srun(argv: list[str]) -> int:
         return fail("srun", "the stand-in runs one task on one node")
     if not args.command:
         return fail("srun", "no command given")
-    steps = read_job(job_id)["steps"]
-    update_job(job_id, steps=[*steps, os.getpid()])  # the step's task is this process
+    step = update_job(job_id, steps=lambda count: count + 1)["steps"] - 1
     env = {
         **os.environ,
-        "SLURM_STEP_ID": str(len(steps)),
-        "SLURM_STEPID": str(len(steps)),
+        "SLURM_STEP_ID": str(step),
+        "SLURM_STEPID": str(step),
         "SLURM_STEP_NUM_TASKS": "1",
         "SLURM_STEP_NUM_NODES": "1",
         "SLURM_NTASKS": "1",
@@ -285,7 +290,8 @@ def srun(argv: list[str]) -> int:
     if args.cpus_per_task:
         env["SLURM_CPUS_PER_TASK"] = str(args.cpus_per_task)
     if args.gpus:
-        env.update(gpu_environment(gpu_count(args.gpus)), SLURM_STEP_GPUS=env["SLURM_JOB_GPUS"])
+        env.update(gpu_environment(gpu_count(args.gpus)))
+        env["SLURM_STEP_GPUS"] = env["SLURM_JOB_GPUS"]
     else:
         # A step given no GPUs sees none, even in a job that has some.
         for name in ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS"):
@@ -341,9 +347,10 @@ def matching_jobs(name: str | None, job_ids: str | None) -> list[dict]:
 
 
 def scancel(argv: list[str]) -> int:
-    """`scancel [--signal=SIG] [--batch] JOBID...`: with --signal, only the signal, to the
-    job's steps (or with --batch its batch shell); without, SIGTERM to all and CANCELLED.
-    A step's processes are all its task's descendants, as under proctrack/cgroup."""
+    """`scancel JOBID...`: SIGTERM to all of each job's processes, and CANCELLED.
+    `scancel --signal=SIG [--batch] JOBID...`: that signal only, as SLURM sends it: to every
+    process of the job's steps (as under proctrack/cgroup, however deep, in whatever
+    session), or with --batch to the batch shell alone."""
     parser = Parser(prog="scancel", allow_abbrev=False)
     parser.add_argument("-s", "--signal")
     parser.add_argument("-b", "--batch", action="store_true")
@@ -355,33 +362,36 @@ def scancel(argv: list[str]) -> int:
         job = read_job(job_id)
         if job["state"] in FINISHED:
             continue
+        processes = job_processes(job_id)
         if signum is None:
             update_job(job_id, state="CANCELLED")
-            targets = [job.get("pid"), *job["steps"]]
+            targets = list(processes)
+        elif args.batch:
+            targets = [pid for pid, (parent, _) in processes.items() if parent == job["pid"]]
         else:
-            targets = [job.get("pid")] if args.batch else job["steps"]
+            targets = [pid for pid, (_, in_step) in processes.items() if in_step]
         for pid in targets:
-            if pid is not None:
-                signal_tree(pid, signum or signal.SIGTERM, include_root=signum is None)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum or signal.SIGTERM)
     return 0
 
 
-def signal_tree(root: int, signum: int, include_root: bool) -> None:
-    """Signal `root`'s descendants (and `root` itself, a step's task; the batch runner
-    only when cancelling)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    pending, tree = [root], []
-    while pending:
-        pid = pending.pop()
-        tree.append(pid)
-        pending.extend(children.get(pid, []))
-    for pid in tree if include_root else tree[1:]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+def job_processes(job_id: str) -> dict[int, tuple[int, bool]]:
+    """pid -> (parent pid, whether in a job step) of every process of the job: those whose
+    environment names it (and this stand-in's folder, which tells test runs apart)."""
+    folder = os.environ["STANDIN_SLURM_DIR"]
+    marks = {f"SLURM_JOB_ID={job_id}".encode(), f"STANDIN_SLURM_DIR={folder}".encode()}
+    processes = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = set((proc / "environ").read_bytes().split(b"\0"))
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue  # gone, or not ours to read
+        if marks <= environ:
+            in_step = any(v.startswith(b"SLURM_STEP_ID=") for v in environ)
+            processes[int(proc.name)] = (parent, in_step)
+    return processes
 
 
 def sinfo(argv: list[str]) -> int:

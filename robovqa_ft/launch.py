@@ -59,7 +59,9 @@ def train_job(processes: int, asked: int, threads: int, run: dict) -> None:
             return
         code = run_torchrun(processes, threads, run)
     if code != 0:
-        raise SystemExit(f"training processes ended with exit status {code} (see the log above)")
+        raise SystemExit(
+            f"training processes ended with exit status {code} (their output: this job's log)"
+        )
 
 
 def _die_with_parent(signum: int) -> None:

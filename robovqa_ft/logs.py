@@ -39,6 +39,11 @@ def log_to(path: Path | str) -> Iterator[None]:
         try:
             with redirect_stderr(stream):
                 yield
+        except SystemExit as stop:
+            if isinstance(stop.code, str):  # a one-line reason: in the log and on the terminal
+                logging.getLogger("robovqa_ft").error("%s", stop.code)
+                raise SystemExit(1) from None
+            raise
         except Exception as error:
             logging.getLogger("robovqa_ft").error("%s (traceback in %s)", error, path)
             stream.write("".join(traceback.format_exception(error)))

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from robovqa_ft.checkpoints import BOOKKEEPING
+
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 PROFILE = str(ROOT / "profiles" / "slurm")
@@ -83,8 +85,9 @@ class Cluster:
             subprocess.run([STANDINS / "scancel", *running], env=self.env, check=False)
 
 
-@pytest.fixture
-def cluster(tmp_path: Path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slurm")
     env = {
         name: value
         for name, value in os.environ.items()
@@ -95,24 +98,26 @@ def cluster(tmp_path: Path):
     env.update(
         # The stand-ins run under the first python3 on PATH: this one's, not a shim's.
         PATH=os.pathsep.join([str(STANDINS), str(Path(sys.executable).parent), env["PATH"]]),
-        STANDIN_SLURM_DIR=str(tmp_path / "slurm"),
+        STANDIN_SLURM_DIR=str(folder / "slurm"),
         HF_HUB_OFFLINE="1",
         SBATCH_ACCOUNT="test",  # the stand-ins' account and partition; the profile reads them
         SBATCH_PARTITION="test",
         # The stand-in gives a job GPUs 0..N-1, which devices.py locks per node: a folder
         # of this test's own keeps parallel test runs apart.
-        ROBOVQA_GPU_LOCK_DIR=str(tmp_path / "gpu-locks"),
+        ROBOVQA_GPU_LOCK_DIR=str(folder / "gpu-locks"),
     )
-    standins = Cluster(tmp_path / "slurm", env)
+    standins = Cluster(folder / "slurm", env)
     yield standins
     standins.cancel_unfinished()  # the jobs of a run that failed or timed out
 
 
-def test_train_job_asks_sbatch_and_srun_for_its_gpus_and_gets_the_sigterm_warning(
-    tmp_path, cluster
-):
-    work = tmp_path / "work"
-    config = tmp_path / "tiny.yaml"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cluster) -> dict:
+    """Stage 1 trained through profiles/slurm, on 2 processes: the working directory,
+    its config files and snakemake's output."""
+    root = tmp_path_factory.mktemp("trained")
+    work = root / "work"
+    config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     configs = ("--configfile", str(ROOT / "config" / "demo.yaml"), str(config))
     # The frames and JSONL here, with the local executor: through the stand-ins they would
@@ -126,7 +131,11 @@ def test_train_job_asks_sbatch_and_srun_for_its_gpus_and_gets_the_sigterm_warnin
         "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks",
         "1", "--slurm-keep-successful-logs", workdir=work, env=cluster.env, timeout=360,
     )  # fmt: skip
+    return {"work": work, "root": root, "configs": configs, "output": output}
 
+
+def test_train_job_asks_sbatch_and_srun_for_its_gpus_and_gets_the_sigterm_warning(trained, cluster):
+    work, output = trained["work"], trained["output"]
     jobs = cluster.jobs("rule_train_wildcards_stage1")
     assert len(jobs) == 1, f"submitted {len(jobs)} times:\n{output[-6000:]}"
     (train,) = jobs
@@ -149,6 +158,35 @@ def test_train_job_asks_sbatch_and_srun_for_its_gpus_and_gets_the_sigterm_warnin
     (tiny,) = cluster.jobs("rule_build_tiny_model")
     (tiny_step,) = cluster.steps(tiny)
     assert not [a for a in tiny["argv"] + tiny_step if a.startswith(("--gpus", "--gres"))]
+
+
+def test_changing_bookkeeping_settings_after_a_run_plans_nothing(trained, cluster):
+    # Every training key of checkpoints.BOOKKEEPING, the GPU count among them: the run
+    # trained on 2 processes is done whatever count, cadence or timeout comes next.
+    changed = trained["root"] / "bookkeeping.yaml"
+    changed.write_text(yaml.safe_dump({"training": {
+        "gpus": 1, "hang_timeout_minutes": 7, "stop_grace_seconds": 60, "logging_steps": 3,
+        "eval_steps": 7, "eval_samples": 5, "save_steps": 9, "save_every_minutes": 5,
+        "save_total_limit": 4, "dataloader_workers": 1}}))  # fmt: skip
+    assert set(yaml.safe_load(changed.read_text())["training"]) == BOOKKEEPING["training"]
+    output = snakemake("-n", TRAIN, *trained["configs"], str(changed),
+                       workdir=trained["work"], env=cluster.env, timeout=120)  # fmt: skip
+    assert "Nothing to be done" in output, output[-3000:]
+
+
+def test_a_training_given_fewer_gpus_than_it_asks_stops_naming_the_flag(trained, cluster):
+    # The default profile declares gpu=1, which Snakemake silently caps train's 2 at.
+    result = subprocess.run(
+        [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory",
+         str(trained["work"]), "--cores", "2", "--forcerun", "train", TRAIN,
+         *trained["configs"]],
+        cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "asks for 2 GPUs but Snakemake gave it 1" in output, output[-3000:]
+    assert "pass --resources gpu=2" in output
+    assert "Launching" not in (trained["work"] / "logs" / "train" / "stage1.log").read_text()
 
 
 def dry_run_train_resources(*args: str, workdir: Path) -> dict[str, str]:

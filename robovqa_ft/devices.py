@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -33,7 +34,8 @@ def machine_gpus() -> list[str]:
     if shutil.which("nvidia-smi") is None:
         return []
     listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
-    return [str(i) for i, line in enumerate(listed.stdout.splitlines()) if line.startswith("GPU")]
+    # "GPU 3: <name> (UUID: ...)"; indented MIG lines below a GPU are not devices of their own
+    return re.findall(r"^GPU (\d+):", listed.stdout, flags=re.MULTILINE)
 
 
 def default_lock_dir() -> Path:

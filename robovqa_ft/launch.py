@@ -20,8 +20,6 @@ from robovqa_ft.devices import allocated_gpus
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
-
 
 def check_given_gpus(given: int, asked: int) -> None:
     """Snakemake silently caps a job's resources at `--resources`: stop rather than train
@@ -64,11 +62,17 @@ def train_job(processes: int, asked: int, threads: int, run: dict) -> None:
         )
 
 
+PR_SET_PDEATHSIG = 1
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a forked child must not dlopen
+
+
 def _die_with_parent(signum: int) -> None:
     """Ask the kernel to send `signum` to this process when its parent dies, so that
     killing the launcher (even with SIGKILL) leaves no trainer behind."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signum)
+    parent = os.getppid()
+    LIBC.prctl(PR_SET_PDEATHSIG, signum)
+    if os.getppid() != parent:  # the parent died before the request was made
+        os.kill(os.getpid(), signum)
 
 
 def run_torchrun(processes: int, threads: int, run: dict) -> int:
@@ -85,23 +89,35 @@ def run_torchrun(processes: int, threads: int, run: dict) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes))}
     log.info("Launching %d training processes with torchrun", processes)
     sys.stderr.flush()
-    torchrun = subprocess.Popen(
-        command,
-        env=env,
-        stdout=sys.stderr,
-        stderr=sys.stderr,
-        preexec_fn=lambda: _die_with_parent(signal.SIGKILL),
-    )
+    torchrun: subprocess.Popen | None = None
+    stop = forwarded = False
 
-    def forward(signum, frame):
-        log.warning("SIGTERM: passed on to the training processes, which save and stop")
-        torchrun.send_signal(signal.SIGTERM)
+    def forward(signum=None, frame=None):
+        # Once: a second SIGTERM makes torchrun stop waiting for its workers to save, and
+        # under SLURM it also gets the scheduler's own.
+        nonlocal stop, forwarded
+        stop = True
+        if torchrun is not None and not forwarded:
+            forwarded = True
+            torchrun.send_signal(signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = signal.signal(signal.SIGTERM, forward)  # before the start: none is lost
     try:
-        return torchrun.wait()
+        torchrun = subprocess.Popen(
+            command,
+            env=env,
+            stdout=sys.stderr,
+            stderr=sys.stderr,
+            preexec_fn=lambda: _die_with_parent(signal.SIGKILL),
+        )
+        if stop:  # it came while torchrun was starting
+            forward()
+        code = torchrun.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if forwarded:
+        log.warning("SIGTERM was passed on to the training processes")
+    return code
 
 
 def _worker() -> None:

@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ class CrashSafety(TrainerCallback):
         self.checkpoint_dir = checkpoint_dir
         self.interval = save_every_minutes * 60
         self.last_save = time.monotonic()
-        self.terminated = False
+        self.terminated = self.stopped = False
         self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -67,7 +68,7 @@ class CrashSafety(TrainerCallback):
         due = time.monotonic() - self.last_save >= self.interval
         terminated, due = ranks.highest([self.terminated, due])
         if terminated:
-            self.terminated = True
+            self.stopped = True  # agreed by every rank, unlike `terminated`
             log.warning("stopping at step %d, after saving a checkpoint", state.global_step)
             control.should_save = control.should_training_stop = True
         elif due:
@@ -186,10 +187,31 @@ class CurriculumTrainer(Trainer):
             self.metrics.count(*real_tokens(inputs), **counters)
         return super().compute_loss(model, inputs, *args, **kwargs)
 
+    def get_train_dataloader(self):
+        return _workers_ignore_sigterm(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return _workers_ignore_sigterm(super().get_eval_dataloader(eval_dataset))
+
     def _get_train_sampler(self, train_dataset=None):
         if self.train_sampler is not None:
             return self.train_sampler
         return super()._get_train_sampler(train_dataset)
+
+
+def _workers_ignore_sigterm(loader):
+    """A scheduler signals every process of the job, DataLoader workers too, whose death
+    would crash the step before the training could save: they leave SIGTERM to it (and
+    end with it)."""
+    base = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper iterates this
+    base.worker_init_fn = partial(_ignore_sigterm, base.worker_init_fn)
+    return loader
+
+
+def _ignore_sigterm(then, worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
 
 
 @contextmanager
@@ -299,7 +321,7 @@ def train_run(
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         finally:
             signal.signal(signal.SIGTERM, safety.previous_handler)
-        if safety.terminated:
+        if safety.stopped:  # a SIGTERM after the last step stops nothing: the run is done
             raise SystemExit(f"stopped by SIGTERM; resume from {checkpoint_dir} by re-running")
         if me.is_main:
             with atomic_directory(adapter_dir) as tmp:

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -147,6 +148,33 @@ def test_sigterm_saves_a_checkpoint_then_stops(tiny_setup, tmp_path):
     saved = latest_complete_checkpoint(tmp_path / "checkpoints")
     assert saved is not None and int(saved.name.split("-")[1]) < 400
     assert not (tmp_path / "adapter").exists()
+
+
+def descendants(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children + [d for c in children for d in descendants(c)]
+
+
+def test_sigterm_to_every_process_of_the_job_still_saves(tiny_setup, tmp_path):
+    # What a scheduler does: the signal reaches the DataLoader workers too.
+    process = start_training(tiny_setup, tmp_path, max_steps=400, save_steps=1000,
+                             dataloader_workers=2)  # fmt: skip
+    wait_for(tmp_path / "train_metrics.csv", process)
+    workers = descendants(process.pid)
+    assert workers, "no DataLoader worker to signal"
+    for pid in [process.pid, *workers]:
+        os.kill(pid, signal.SIGTERM)
+    assert process.wait(timeout=120) != 0
+    saved = latest_complete_checkpoint(tmp_path / "checkpoints")
+    assert saved is not None, (tmp_path / "driver.log").read_text()[-3000:]
+    assert "killed by signal" not in (tmp_path / "driver.log").read_text()
 
 
 def test_stage2_starts_from_stage1_weights_with_a_fresh_schedule(tiny_setup, tmp_path):

@@ -60,6 +60,7 @@ BOOKKEEPING = {
                  "save_every_minutes", "save_total_limit", "dataloader_workers", "gpus",
                  "hang_timeout_minutes", "stop_grace_seconds"},
     "model": {"max_memory_gb", "attn_implementation", "gradient_checkpointing"},
+    "evaluation": {"generation_batch_size", "dataloader_workers"},
 }  # fmt: skip
 
 

@@ -20,6 +20,7 @@ import re
 import string
 import time
 from collections import defaultdict
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,12 @@ from typing import Any
 import sacrebleu
 import torch
 from peft import PeftModel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from robovqa_ft.files import atomic_open, write_json_atomic
+from robovqa_ft.loss import labelled_token_losses
 from robovqa_ft.model import load_model, load_processor, model_family
-from robovqa_ft.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder, pad_batch, split_counters
+from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch, split_counters
 
 log = logging.getLogger(__name__)
 
@@ -127,38 +129,60 @@ def answer_sample(val_jsonl: Path | str, per_group: int, seed: int) -> list[dict
     return [row for group in sorted(by_group) for _, row in sorted(by_group[group])[:per_group]]
 
 
-def val_loss(model: Any, dataset: JsonlDataset, batch_size: int, pad_id: int) -> dict:
-    """Loss and perplexity with the model's own (training) loss function, summed per token."""
-    collate = partial(pad_batch, pad_token_id=pad_id)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+def val_loss(
+    model: Any, dataset: JsonlDataset, batch_size: int, pad_id: int, workers: int, dtype: str
+) -> dict:
+    """Loss and perplexity with the training loss (`labelled_token_losses`), summed per
+    token, at training's precision; samples are built in `workers` DataLoader workers."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                        collate_fn=partial(pad_batch, pad_token_id=pad_id))  # fmt: skip
     total, tokens, samples = 0.0, 0, 0
     device = next(model.parameters()).device
-    with torch.no_grad():
+    with torch.no_grad(), training_precision(dtype):
         for batch in loader:
             batch = _model_inputs(batch, device)
             samples += len(batch["input_ids"])
-            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            # num_items_in_batch=1 makes the loss function return its sum, not its mean.
-            total += float(model(**batch, num_items_in_batch=torch.tensor(1, device=device)).loss)
-            tokens += count
+            losses = labelled_token_losses(model, batch).losses
+            total += float(losses.sum())
+            tokens += len(losses)
     loss = total / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "samples": samples, "tokens": tokens,
             "reduction": LOSS_REDUCTION}  # fmt: skip
 
 
+class _Prompts(Dataset):
+    """Generation prompts, built in DataLoader workers like training samples."""
+
+    def __init__(self, builder: SampleBuilder, rows: list[dict]):
+        self.builder, self.rows = builder, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.builder.encode_prompt(self.rows[index])
+
+
 def generate_answers(
-    model: Any, builder: SampleBuilder, rows: list[dict], batch_size: int, max_new_tokens: int
+    model: Any,
+    builder: SampleBuilder,
+    rows: list[dict],
+    batch_size: int,
+    max_new_tokens: int,
+    workers: int = 0,
+    dtype: str = "float32",
 ) -> list[str]:
     """Greedy answers to each row's first question, in batches (left-padded prompts)."""
     tokenizer = builder.processor.tokenizer
     device = next(model.parameters()).device
     # the end of the assistant turn, and whatever else the model stops on
     stops = sorted({builder.end, tokenizer.eos_token_id} - {None})
+    loader = DataLoader(_Prompts(builder, rows), batch_size=batch_size, num_workers=workers,
+                        collate_fn=partial(pad_batch, pad_token_id=tokenizer.pad_token_id,
+                                           side="left"))  # fmt: skip
     answers = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            batch = pad_batch([builder.encode_prompt(r) for r in rows[start : start + batch_size]],
-                              tokenizer.pad_token_id, side="left")  # fmt: skip
+    with torch.no_grad(), training_precision(dtype):
+        for batch in loader:
             batch = _model_inputs(batch, device)
             output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                                     pad_token_id=tokenizer.pad_token_id,
@@ -166,6 +190,13 @@ def generate_answers(
             new = output[:, batch["input_ids"].shape[1] :]
             answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return answers
+
+
+def training_precision(dtype: str) -> AbstractContextManager:
+    """Autocast to `dtype` on a GPU, as the Trainer trains (`bf16`/`fp16`); nothing on a CPU."""
+    if torch.cuda.is_available() and dtype in ("bfloat16", "float16"):
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+    return nullcontext()
 
 
 def hardware() -> str:
@@ -205,25 +236,29 @@ def evaluate_run(
         net = PeftModel.from_pretrained(net, str(adapter_dir))
     net.eval()
     pad_id = processor.tokenizer.pad_token_id
-    batch_size = evaluation["batch_size"]
+    workers, dtype = evaluation["dataloader_workers"], model["dtype"]
 
     losses = {}
     for stage, path in val_jsonl.items():
         builder = SampleBuilder(processor, family, images_dir, stages[stage]["max_frames"],
                                 stages[stage]["max_seq_len"])  # fmt: skip
         dataset = JsonlDataset(path, builder, limit=evaluation["loss_samples"])
-        losses[f"{stage}_val"] = val_loss(net, dataset, batch_size, pad_id)
+        losses[f"{stage}_val"] = val_loss(
+            net, dataset, evaluation["batch_size"], pad_id, workers, dtype
+        )
         log.info("%s %s val loss %.4f", run, stage, losses[f"{stage}_val"]["loss"])
 
     rows = answer_sample(val_jsonl["stage1"], evaluation["answers_per_family"], evaluation["seed"])
     frames, max_len = stages["stage1"]["max_frames"], stages["stage1"]["max_seq_len"]
     seen = SampleBuilder(processor, family, images_dir, frames, max_len)
     blank = SampleBuilder(processor, family, images_dir, frames, max_len, blank_frames=True)
-    said = generate_answers(net, seen, rows, batch_size, evaluation["max_new_tokens"])
+    generate = partial(generate_answers, net, batch_size=evaluation["generation_batch_size"],
+                       max_new_tokens=evaluation["max_new_tokens"], workers=workers,
+                       dtype=dtype)  # fmt: skip
+    said = generate(seen, rows)
     yes_no_rows = [r for r in rows if r.get("answer_type") == "yes_no"]
-    blank_said = dict(zip([r["id"] for r in yes_no_rows],
-                          generate_answers(net, blank, yes_no_rows, batch_size,
-                                           evaluation["max_new_tokens"]), strict=True))  # fmt: skip
+    blank_said = dict(zip([r["id"] for r in yes_no_rows], generate(blank, yes_no_rows),
+                          strict=True))  # fmt: skip
     predictions = [
         {"id": r["id"], "group": score_group(r), "family": r["task"],
          "answer_type": r.get("answer_type", "freeform"),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 from robovqa_ft.ranks import world
@@ -83,8 +83,9 @@ def load_model(
 ) -> Any:
     """The base model, frozen, on this process's GPU if there is one, ready for LoRA.
 
-    `quantization`: "nf4" (QLoRA: 4-bit NF4 with double quantization, computing in
-    `dtype`; vision tower, projector and head kept as they are) or "none".
+    `quantization`: "nf4" (QLoRA: the language model's linear layers in 4-bit NF4 with
+    double quantization, computing in `dtype`; vision tower, projector and head kept in
+    `dtype`) or "none".
     """
     family = model_family(name_or_path)
     kwargs: dict[str, Any] = {
@@ -111,18 +112,44 @@ def load_model(
                 min(1.0, max_memory_gb * 2**30 / total), device
             )
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+    return prepare_model(model, quantization, gradient_checkpointing)
+
+
+def prepare_model(model: Any, quantization: str, gradient_checkpointing: bool) -> Any:
+    """Freeze a loaded model and set it up so that a step computes only what LoRA on the
+    language model needs (also for evaluation, which must see training's precision).
+
+    - The vision encoder (tower and projector) runs without autograd: nothing trainable
+      sits before it, so its backward, and any recomputation of it, could change no
+      gradient. Gradient checkpointing is the language model's alone.
+    - Under nf4 the unquantized weights stay in the compute dtype, as loaded, and only
+      the norms go to fp32 (QLoRA's practice; peft's `prepare_model_for_kbit_training`
+      would upcast vision, projector, embeddings and head too: 2.8 GB more at 8B). A
+      norm's output keeps its input's dtype, so the residual stream stays in bf16.
+      (peft keeps the LoRA weights themselves in fp32.)
+    """
     model.requires_grad_(False)
+    inner = model.model  # InternVLModel, Qwen2_5_VLModel, Qwen3VLModel
+    for name in ("get_image_features", "get_video_features"):
+        if hasattr(inner, name):
+            setattr(inner, name, torch.no_grad()(getattr(inner, name)))
     if quantization == "nf4":
-        # Also for evaluation: it sets the precision of the unquantized parts.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        for module in model.modules():
+            if "norm" in type(module).__name__.lower() and any(
+                p.is_floating_point() for p in module.parameters(recurse=False)
+            ):
+                module.float()
+                module.register_forward_hook(_output_in_input_dtype)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad.
+        inner.language_model.activation_checkpointing_enable({"use_reentrant": False})
     return model
+
+
+def _output_in_input_dtype(module: Any, args: tuple, output: Any) -> Any:
+    if args and torch.is_tensor(args[0]) and torch.is_tensor(output):
+        return output.to(args[0].dtype)
+    return output
 
 
 def attach_lora(

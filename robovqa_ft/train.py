@@ -32,6 +32,7 @@ from robovqa_ft.checkpoints import (
 )
 from robovqa_ft.files import atomic_directory, atomic_open, write_json_atomic
 from robovqa_ft.launch import per_rank_accumulation
+from robovqa_ft.loss import labelled_token_losses
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
 from robovqa_ft.samples import (
     JsonlDataset,
@@ -175,17 +176,30 @@ def _keep_rows_up_to(path: Path, fields: list[str], step: int) -> None:
 
 
 class CurriculumTrainer(Trainer):
-    """The Trainer, counting real tokens and dropped turns for the metrics, and taking its
-    training order from `train_sampler` when given."""
+    """The Trainer, with the loss computed on labelled positions only, counting real
+    tokens and dropped turns for the metrics, and taking its training order from
+    `train_sampler` when given."""
 
     metrics: MetricsLog
     train_sampler: StepSampler | None = None
+    loss_is_scaled_for_ga = True  # divided by the whole step's labelled tokens, below
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs, counters = split_counters(inputs)
         if model.training:
+            if num_items_in_batch is None:  # the Trainer counts them for models like ours
+                raise RuntimeError("the Trainer gave no labelled-token count for this step")
             self.metrics.count(*real_tokens(inputs), **counters)
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        losses = labelled_token_losses(model, inputs).losses
+        # As the model's own loss would be: the sum over the step's labelled tokens (of
+        # every rank, which DDP's gradient mean then undoes), or this batch's mean.
+        if num_items_in_batch is None:
+            loss = losses.mean()
+        else:
+            loss = losses.sum() / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        return (loss, {}) if return_outputs else loss
 
     def get_train_dataloader(self):
         return _workers_ignore_sigterm(super().get_train_dataloader())
@@ -394,6 +408,7 @@ def training_arguments(
         logging_steps=training["logging_steps"],
         eval_strategy="steps",
         eval_steps=training["eval_steps"],
+        prediction_loss_only=True,  # the val loss is all the Trainer's evaluation gives
         save_strategy="steps",
         save_steps=training["save_steps"],
         save_total_limit=training["save_total_limit"],

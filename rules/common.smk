@@ -60,6 +60,19 @@ def model_settings():
     return {**config["model"], "name": TINY_MODEL if name == "tiny" else name}
 
 
+def report_settings():
+    """The settings the ablation report states: those that shape its numbers."""
+    sections = ("source", "model", "lora", "training", "stage1", "stage2", "evaluation")
+    return {
+        key: (
+            shaping_settings(key, config[key])
+            if isinstance(config[key], dict)
+            else config[key]
+        )
+        for key in sections
+    }
+
+
 def run_stage(run):
     """Which data and hyperparameters a run uses: stage1, or stage2 for both others."""
     return "stage1" if run == "stage1" else "stage2"

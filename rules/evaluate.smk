@@ -16,11 +16,12 @@ rule evaluate:
     threads: 2
     resources:
         gpu=1,
+    # The script reads the bookkeeping keys (batch of prompts, workers) from the config.
     params:
         images_dir="results/data/images",
         model=model_settings(),
         stages={"stage1": config["stage1"], "stage2": config["stage2"]},
-        evaluation=config["evaluation"],
+        evaluation=shaping_settings("evaluation", config["evaluation"]),
     script:
         "../workflow_scripts/evaluate.py"
 
@@ -40,18 +41,7 @@ rule ablation_report:
     conda:
         "../envs/train.yaml"
     params:
-        settings={
-            key: config[key]
-            for key in (
-                "source",
-                "model",
-                "lora",
-                "training",
-                "stage1",
-                "stage2",
-                "evaluation",
-            )
-        },
+        settings=report_settings(),
         runs=EVAL_RUNS,
         timings={run: f"benchmarks/train/{run}.tsv" for run in RUNS},
     script:

@@ -14,6 +14,6 @@ with log_to(snakemake.log[0]), allocated_gpus(snakemake.resources.gpu):
         predictions_path=snakemake.output.predictions,
         model=snakemake.params.model,
         stages=snakemake.params.stages,
-        evaluation=snakemake.params.evaluation,
+        evaluation={**snakemake.config["evaluation"], **snakemake.params.evaluation},
         run=snakemake.wildcards.run,
     )

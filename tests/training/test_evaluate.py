@@ -99,7 +99,8 @@ def test_answer_sample_is_stratified_and_the_same_for_every_run(tiny_setup):
     assert answer_sample(tiny_setup["stage1_val"], per_group=3, seed=1) != first
 
 
-def test_val_loss_is_the_token_mean_of_the_training_loss(tiny_setup):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_val_loss_is_the_token_mean_of_the_training_loss(tiny_setup, workers):
     model = load_model(tiny_setup["model"], "none", "float32", "sdpa", False)
     model = attach_lora(model, 8, 16, 0.0).eval()
     processor = load_processor(tiny_setup["model"])
@@ -108,9 +109,10 @@ def test_val_loss_is_the_token_mean_of_the_training_loss(tiny_setup):
     )
     dataset = JsonlDataset(tiny_setup["stage2_val"], builder, limit=6)
     pad = processor.tokenizer.pad_token_id
-    result = val_loss(model, dataset, batch_size=4, pad_id=pad)
+    result = val_loss(model, dataset, batch_size=4, pad_id=pad, workers=workers, dtype="float32")
 
-    # by hand: each sample's mean loss (what training computes) weighted by its tokens
+    # by hand: each sample's mean loss from the model's own full-logit loss, weighted by
+    # its tokens
     total = tokens = 0
     for i in range(len(dataset)):
         batch = pad_batch([dataset[i]], pad)
@@ -128,7 +130,8 @@ def test_eval_of_a_fixed_adapter_gives_the_same_numbers_twice(tiny_setup, tmp_pa
     settings = run_settings(tiny_setup["model"])
     adapter = train_tiny(tiny_setup, tmp_path, max_steps=3)
     stages = {"stage1": settings["stage"], "stage2": settings["stage"]}
-    evaluation = {"seed": 0, "batch_size": 4, "loss_samples": 8, "answers_per_family": 3,
+    evaluation = {"seed": 0, "batch_size": 4, "generation_batch_size": 4,
+                  "dataloader_workers": 1, "loss_samples": 8, "answers_per_family": 3,
                   "max_new_tokens": 6}  # fmt: skip
     before = (adapter / "adapter_model.safetensors").read_bytes()
     results = []

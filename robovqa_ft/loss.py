@@ -1,0 +1,51 @@
+"""The training loss, computed where it is defined: the head and the cross-entropy run on
+the labelled positions alone (~1-2% of a RoboVQA sample's tokens), never on every one.
+
+Training reduces the per-token losses by the step's labelled-token count; evaluation
+sums and groups them. Both go through `labelled_token_losses`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from robovqa_ft.samples import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class TokenLosses:
+    """The cross-entropy of each labelled token (fp32), with where it sits in the batch:
+    `rows[i]`, `positions[i]` index `labels` at the token that loss `i` predicts."""
+
+    losses: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+
+
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits predict a labelled token: position t predicts t + 1."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def labelled_token_losses(model: Any, inputs: dict[str, Any]) -> TokenLosses:
+    """Run `model` on `inputs` (a collated batch with `labels`, padded or packed) with the
+    head on the positions that predict a label only, and return their losses.
+
+    transformers gathers those positions itself (`logits_to_keep` as a boolean mask), so
+    the full-vocabulary logits of the other positions are never made. The values equal
+    the model's own loss terms: the same logits, upcast to fp32 before the softmax.
+    """
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    mask = predicting_positions(labels)
+    logits = model(**inputs, logits_to_keep=mask).logits  # (labelled tokens, vocab)
+    rows, positions = mask.nonzero(as_tuple=True)
+    targets = labels[rows, positions + 1]
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    return TokenLosses(losses, rows, positions + 1)

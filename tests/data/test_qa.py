@@ -500,6 +500,23 @@ def test_whitespace_in_free_form_answer_is_collapsed():
     assert qa.answer == "pick up the pen"
 
 
+def test_turns_written_on_lines_of_their_own_keep_no_line_break():
+    # A chat turn opening with a line break would merge with the template's "\n" after
+    # "assistant" into one BPE token, and the sample builder would find no answer there.
+    text = (
+        "<task:past_description:freeform>\n\n\nput the cup\naway\nQ:\n\n what just happened?\n"
+        "<PRED>A:\n\n pick up\n\nthe pen\n\n</PRED>"
+    )
+
+    (qa,) = parse_qa_text(text).qas
+
+    assert qa.answer == "pick up the pen"
+    assert qa.prompt == "put the cup away Q: what just happened?"
+    for parsed in parse_qa_text(ALL_TEN_TAGS_RECORD).qas:
+        for value in (parsed.prompt, parsed.answer):
+            assert "\n" not in value and value == value.strip(), parsed
+
+
 @pytest.mark.parametrize("text", ["", "\n", "   \n\t"])
 def test_empty_text_gives_no_qas_and_no_skips(text):
     parsed = parse_qa_text(text)

@@ -161,15 +161,21 @@ def test_train_job_asks_sbatch_and_srun_for_its_gpus_and_gets_the_sigterm_warnin
 
 
 def test_changing_bookkeeping_settings_after_a_run_plans_nothing(trained, cluster):
-    # Every training key of checkpoints.BOOKKEEPING, the GPU count among them: the run
-    # trained on 2 processes is done whatever count, cadence or timeout comes next.
+    # Every training and evaluation key of checkpoints.BOOKKEEPING, the GPU count among
+    # them: the run trained on 2 processes, and its evaluation, are done whatever count,
+    # cadence, timeout, batch of prompts or number of workers comes next.
+    evaluated = "results/stage1/eval.json"
+    snakemake("--cores", "2", evaluated, *trained["configs"], workdir=trained["work"],
+              env=cluster.env, timeout=300)  # fmt: skip
     changed = trained["root"] / "bookkeeping.yaml"
     changed.write_text(yaml.safe_dump({"training": {
         "gpus": 1, "hang_timeout_minutes": 7, "stop_grace_seconds": 60, "logging_steps": 3,
         "eval_steps": 7, "eval_samples": 5, "save_steps": 9, "save_every_minutes": 5,
-        "save_total_limit": 4, "dataloader_workers": 1}}))  # fmt: skip
-    assert set(yaml.safe_load(changed.read_text())["training"]) == BOOKKEEPING["training"]
-    output = snakemake("-n", TRAIN, *trained["configs"], str(changed),
+        "save_total_limit": 4, "dataloader_workers": 1},
+        "evaluation": {"generation_batch_size": 3, "dataloader_workers": 2}}))  # fmt: skip
+    for section in ("training", "evaluation"):
+        assert set(yaml.safe_load(changed.read_text())[section]) == BOOKKEEPING[section]
+    output = snakemake("-n", TRAIN, evaluated, *trained["configs"], str(changed),
                        workdir=trained["work"], env=cluster.env, timeout=120)  # fmt: skip
     assert "Nothing to be done" in output, output[-3000:]
 

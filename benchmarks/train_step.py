@@ -14,15 +14,17 @@ TFLOP/s, MFU, peak GPU memory, and the share of computed tokens that are real.
 Model FLOPs per step (gradient-checkpointing recomputation not counted, as MFU requires):
   language model, per sample of T tokens: 4·N_lm·T (forward 2, input gradients 2; the
   frozen weights get no gradient) + 6·N_lora·T + attention 6·L·d·T² (causal: forward
-  2·L·d·T², backward twice that); N_lm = the language model's matmul weights + head;
-  vision tower and projector, frozen and before any LoRA, forward only, per tile:
-  2·N_vit·P + 4·L_v·d_v·P² + 2·N_proj·P' (P = 1025 patches + class, P' = 256 tokens).
+  2·L·d·T², backward twice that); N_lm = the decoder layers' matmul weights; the head
+  (d × vocab), 4·d·V per labelled token only (answers and their end token: the loss
+  runs it on those positions alone, robovqa_ft/loss.py); vision tower and projector,
+  frozen and before any LoRA, forward only, per tile: 2·N_vit·P + 4·L_v·d_v·P² +
+  2·N_proj·P' (P = 1025 patches + class, P' = 256 tokens).
 MFU = model FLOPs / (seconds per step × peak): 989 TFLOP/s dense bf16 for H100 SXM and
 H200 (the nf4 path computes in bf16 too); `--peak-tflops` for any other device.
 
 Run on a GPU: `python benchmarks/train_step.py --workdir /tmp/bench` (the random 8B
 weights are written once to the workdir, 16 GB; `--only` and `--steps 1` shorten a run).
-On a CPU: `--tiny`.
+On a CPU: `--tiny`. benchmarks/gpu_slot.py runs these setups within a short GPU slot.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,10 +48,13 @@ from transformers.utils import is_flash_attn_2_available
 
 from robovqa_ft.model import attach_lora, load_model, load_processor
 from robovqa_ft.random_model import build_random_internvl, conversation_texts
-from robovqa_ft.samples import StepSampler, collator
+from robovqa_ft.samples import IGNORE_INDEX, StepSampler, collator
 from robovqa_ft.train import CurriculumTrainer, MetricsLog, training_arguments
 
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
+LORA = {"r": 128, "alpha": 256, "dropout": 0.05}  # config.yaml's
+COLUMNS = ("stage | quantization | gradient checkpointing | attention | micro-batch | padding | "
+           "s/step | tokens/s | TFLOP/s | MFU | peak GB | real tokens")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +110,20 @@ class Samples(Dataset):
         return self.samples[index]
 
 
+class Deadline(TrainerCallback):
+    """Ends the training after the step past which the time left before `deadline`
+    (time.monotonic) would not cover another step as long."""
+
+    def __init__(self, deadline: float):
+        self.deadline, self.last = deadline, time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        if 2 * now - self.last > self.deadline:
+            control.should_training_stop = True
+        self.last = now
+
+
 class StepTimer(TrainerCallback):
     """Wall time and real/computed tokens of each optimizer step."""
 
@@ -120,13 +140,14 @@ class StepTimer(TrainerCallback):
         self.last = now
 
 
-def model_flops(config, lengths: list[int], tiles: int, lora_params: int) -> float:
-    """Model FLOPs of one optimizer step over samples of `lengths` tokens (module docstring)."""
+def model_flops(config, lengths: list[int], labelled: int, tiles: int, lora_params: int) -> float:
+    """Model FLOPs of one optimizer step over samples of `lengths` tokens, `labelled` of them
+    labelled, with `tiles` image tiles in all (module docstring)."""
     text, vision = config.text_config, config.vision_config
     d, layers = text.hidden_size, text.num_hidden_layers
     kv = text.num_key_value_heads * d // text.num_attention_heads
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * text.intermediate_size  # q,o + k,v + MLP
-    n_lm = layers * per_layer + d * text.vocab_size  # + head
+    n_lm = layers * per_layer
     dv, lv = vision.hidden_size, vision.num_hidden_layers
     n_vit = lv * (4 * dv * dv + 2 * dv * vision.intermediate_size)
     patches = (vision.image_size[0] // vision.patch_size[0]) ** 2 + 1
@@ -134,6 +155,7 @@ def model_flops(config, lengths: list[int], tiles: int, lora_params: int) -> flo
     n_proj = 4 * dv * d + d * d  # 4096 -> 3584 -> 3584
     tokens = sum(lengths)
     language = (4 * n_lm + 6 * lora_params) * tokens + 6 * layers * d * sum(t * t for t in lengths)
+    language += 4 * d * text.vocab_size * labelled  # the head, on labelled positions only
     visual = tiles * (2 * n_vit * patches + 4 * lv * dv * patches**2 + 2 * n_proj * projected)
     return language + visual
 
@@ -143,8 +165,18 @@ def encode(paths: dict, processor, stage: str, count: int) -> list[dict]:
     return [dataset[i % len(dataset)] for i in range(count)]
 
 
-def measure(setup: Setup, stage: str, model, processor, samples: list[dict], args, out: Path):
-    """Time `args.steps` optimizer steps after one warm-up step; returns the figures."""
+def measure(
+    setup: Setup,
+    stage: str,
+    model,
+    processor,
+    samples: list[dict],
+    args,
+    out: Path,
+    deadline: float | None = None,
+) -> dict | None:
+    """Time `args.steps` optimizer steps after one warm-up step; returns the figures, or
+    None where `deadline` (time.monotonic) came before a timed step ended."""
     stage_settings = {  # config.yaml's stage, with this setup's micro-batch
         **CONFIG[stage], "batch_size": setup.micro_batch,
         "grad_accum": args.samples_per_step // setup.micro_batch,
@@ -165,6 +197,8 @@ def measure(setup: Setup, stage: str, model, processor, samples: list[dict], arg
     trainer.metrics = MetricsLog(out, 0, 0)
     timer = StepTimer(trainer.metrics)
     trainer.add_callback(timer)
+    if deadline is not None:
+        trainer.add_callback(Deadline(deadline))
     trainer.remove_callback(PrinterCallback)  # one line per setup, printed below
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -172,6 +206,9 @@ def measure(setup: Setup, stage: str, model, processor, samples: list[dict], arg
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
     timed = timer.steps[1:]
+    if not timed:
+        del trainer
+        return None
     seconds = statistics.median(t for t, _, _ in timed)
     real = sum(r for _, r, _ in timed) / len(timed)
     computed = sum(c for _, _, c in timed) / len(timed)
@@ -179,11 +216,49 @@ def measure(setup: Setup, stage: str, model, processor, samples: list[dict], arg
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops = model_flops(
         model.config, [len(s["input_ids"]) for s in samples],
+        sum(int((torch.as_tensor(s["labels"]) != IGNORE_INDEX).sum()) for s in samples),
         sum(len(s["pixel_values"]) for s in samples), lora_params,
     ) * args.samples_per_step / len(samples)  # fmt: skip
     del trainer
     return {"seconds": seconds, "tokens_per_s": real / seconds, "tflops": flops / seconds / 1e12,
             "peak_gb": peak, "real_share": real / computed}  # fmt: skip
+
+
+def stage_lines(
+    setup: Setup,
+    model,
+    processor,
+    samples: dict[str, list[dict]],
+    args,
+    out: Path,
+    peak: float | None,
+    deadline: float | None = None,
+) -> Iterator[tuple[str, dict | None, str]]:
+    """Measure `setup` on each of `args.stages`: (stage, figures or None, its table line).
+    Past `deadline` (time.monotonic) no stage starts, and a running one ends at its step."""
+    for stage in args.stages:
+        label = f"{stage} | {setup.label(args.dtype)}"
+        if deadline is not None and time.monotonic() > deadline:
+            yield stage, None, f"{label} | not run: the budget is spent"
+            continue
+        r, out_of_memory = None, False
+        try:
+            r = measure(setup, stage, model, processor, samples[stage], args, out, deadline)
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        # outside the except clause, whose traceback still holds the Trainer
+        model.zero_grad(set_to_none=True)
+        free_memory()
+        if out_of_memory:
+            yield stage, None, f"{label} | out of memory"
+        elif r is None:
+            yield stage, None, f"{label} | stopped at the budget before a timed step"
+        else:
+            mfu = f"{r['tflops'] / peak:.1%}" if peak else "n/a"
+            memory = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
+            figures = [f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.3g}",
+                       mfu, memory, f"{r['real_share']:.1%}"]  # fmt: skip
+            yield stage, r, " | ".join([label, *figures])
 
 
 def device_peak(args) -> tuple[str, float | None]:
@@ -236,8 +311,7 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, "
           f"{architecture}, {args.samples_per_step} samples per step, "
           f"flash-attn {'installed' if flash else 'not installed'}")  # fmt: skip
-    print("stage | quantization | gradient checkpointing | attention | micro-batch | padding | "
-          "s/step | tokens/s | TFLOP/s | MFU | peak GB | real tokens")  # fmt: skip
+    print(COLUMNS)
     chosen = setups(flash)
     for number, setup in enumerate(chosen, 1):
         if args.only and number not in args.only:
@@ -245,26 +319,13 @@ def main() -> None:
         try:
             model = load_model(model_dir, setup.quantization, args.dtype, setup.attention,
                                setup.gradient_checkpointing)  # fmt: skip
-            model = attach_lora(model, r=128, alpha=256, dropout=0.05)
+            model = attach_lora(model, **LORA)
         except Exception as error:  # noqa: BLE001 - a setup that cannot load is a result
             print(f"all | {setup.label(args.dtype)} | cannot load: {type(error).__name__}: {error}")
             continue
-        for stage in args.stages:
-            r = None
-            try:
-                r = measure(setup, stage, model, processor, samples[stage], args, workdir / "out")
-            except torch.OutOfMemoryError:
-                print(f"{stage} | {setup.label(args.dtype)} | out of memory", flush=True)
-            # outside the except clause, whose traceback still holds the Trainer
-            model.zero_grad(set_to_none=True)
-            free_memory()
-            if r is None:
-                continue
-            mfu = f"{r['tflops'] / peak:.1%}" if peak else "n/a"
-            memory = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
-            figures = [f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.3g}",
-                       mfu, memory, f"{r['real_share']:.1%}"]  # fmt: skip
-            print(" | ".join([stage, setup.label(args.dtype), *figures]), flush=True)
+        for _, _, line in stage_lines(setup, model, processor, samples, args, workdir / "out",
+                                      peak):  # fmt: skip
+            print(line, flush=True)
         del model
         free_memory()
 

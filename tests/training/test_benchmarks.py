@@ -1,8 +1,12 @@
 """The torch benchmarks run end to end at tiny size and print every figure they promise."""
 
+import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,13 +56,91 @@ def test_train_step_flops_follow_the_stated_formula():
         vision_config={**arch["vision_config"], "image_size": [448, 448]},
         text_config=arch["text_config"], image_seq_length=256, tie_word_embeddings=False,
     )  # fmt: skip
-    no_lora = model_flops(config, [1000], tiles=0, lora_params=0)
-    # The language model's 7,069,221,376 parameters less 333,312 biases and norm weights,
-    # its embedding swapped for the head of the same size: 4 FLOPs each per token, plus
-    # causal attention.
-    assert no_lora == 4 * 7_068_888_064 * 1000 + 6 * 28 * 3584 * 1000**2
-    one_tile = model_flops(config, [1000], tiles=1, lora_params=0) - no_lora
+    no_lora = model_flops(config, [1000], labelled=10, tiles=0, lora_params=0)
+    # The decoder layers: the language model's 7,069,221,376 parameters less 333,312
+    # biases and norm weights and the 543,599,616 of the embedding, 4 FLOPs each per
+    # token; the head (3584 x 151674) the same on the 10 labelled tokens alone; causal
+    # attention.
+    head = 3584 * 151674
+    assert no_lora == 4 * 6_525_288_448 * 1000 + 4 * head * 10 + 6 * 28 * 3584 * 1000**2
+    more_labels = model_flops(config, [1000], labelled=11, tiles=0, lora_params=0)
+    assert more_labels - no_lora == 4 * head  # a token more to predict: only the head's
+    one_tile = model_flops(config, [1000], labelled=10, tiles=1, lora_params=0) - no_lora
     assert 2 * 300e6 * 1025 < one_tile < 2 * 340e6 * 1025 * 1.3  # ViT-300M + projector
+
+
+def slot_report(tmp_path: Path, *args: str) -> list[str]:
+    """The lines of gpu_slot.md from a tiny rehearsal of the GPU slot's benchmark."""
+    out = tmp_path / "out"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_slot.py"), "--tiny", "--out", str(out),
+         "--workdir", str(tmp_path / "work"), *args],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    return (out / "gpu_slot.md").read_text().splitlines()
+
+
+def test_gpu_slot_reports_versions_each_setup_of_both_runs_and_the_default(tmp_path):
+    lines = slot_report(tmp_path, "--only", "2", "7", "--budget-seconds", "600")
+    for package in ("python", "torch", "transformers", "peft", "accelerate"):
+        assert re.search(rf", {package} [0-9][^ ]* \(/", lines[0]), package  # version, folder
+    phases = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    assert [lines[i].split(":")[0] for i in phases] == ["## smoke", "## full size"]
+    for start, end in zip(phases, [*phases[1:], len(lines)], strict=True):
+        rows = [line.split(" | ") for line in lines[start:end] if line.startswith("stage")]
+        measured = [(r[0], r[1]) for r in rows if r[1] != "quantization"]
+        assert measured == [("stage1", "QLoRA nf4"), ("stage2", "QLoRA nf4"),
+                            ("stage1", "LoRA float32"), ("stage2", "LoRA float32")]  # fmt: skip
+        assert all(float(r[6]) > 0 for r in rows if r[1] != "quantization")  # s/step
+    assert re.match(r"default: setup [27], ", lines[-2]), lines[-2]
+    assert lines[-1].startswith("# done in")
+
+
+def test_gpu_slot_stops_cleanly_when_its_budget_is_spent(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_slot import SLOT_ORDER
+
+    lines = slot_report(tmp_path, "--budget-seconds", "0")  # and exits 0
+    skipped = [line for line in lines if line.startswith("skipped")]
+    assert len(skipped) == 1 and skipped[0].endswith("; the full-size run")
+    assert re.findall(r"setup (\d+) \(", skipped[0]) == [str(n) for n in SLOT_ORDER]
+    assert not [line for line in lines if line.startswith(("stage1 | QLoRA", "stage1 | LoRA"))]
+
+
+def test_gpu_slot_builds_in_memory_the_model_load_model_loads(tmp_path):
+    """Same modules, dtypes, trainable weights and outputs as loading the same random
+    weights through `load_model`, in bf16 LoRA and in nf4."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_slot import build_model
+    from synthetic import processor_for, write_clips
+    from train_step import LORA, Setup
+    from transformers import InternVLForConditionalGeneration
+
+    from robovqa_ft.model import attach_lora, load_model
+    from robovqa_ft.random_model import internvl_config
+
+    processor = processor_for(write_clips(tmp_path / "clips", 2), image_size=56)
+    config = internvl_config("tiny", processor)
+    torch.manual_seed(0)  # as build_model seeds its weights
+    saved = InternVLForConditionalGeneration._from_config(copy.deepcopy(config))
+    saved.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    input_ids = torch.randint(10, 200, (1, 16))  # text only: no image token
+    for quantization in ("none", "nf4"):
+        setup = Setup(quantization, True, "sdpa", 2, "longest")
+        built = build_model(config, setup, torch.float32, "cpu")
+        loaded = attach_lora(load_model(tmp_path / "model", quantization, "float32", "sdpa",
+                                        gradient_checkpointing=True), **LORA)  # fmt: skip
+        assert [(n, type(m)) for n, m in built.named_modules()] == [
+            (n, type(m)) for n, m in loaded.named_modules()
+        ]
+        assert [(n, p.dtype, p.requires_grad) for n, p in built.named_parameters()] == [
+            (n, p.dtype, p.requires_grad) for n, p in loaded.named_parameters()
+        ]
+        assert sum(p.requires_grad for p in built.parameters()) > 0
+        with torch.no_grad():  # LoRA starts at zero: the base model's outputs
+            logits = [m.eval()(input_ids=input_ids).logits for m in (built, loaded)]
+        torch.testing.assert_close(*logits, rtol=0, atol=0)
 
 
 def test_padding_benchmark_measures_every_strategy():

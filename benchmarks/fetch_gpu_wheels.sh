@@ -42,7 +42,11 @@ for wheel in .whl/*.whl; do echo "$(mib "$(bytes "$wheel")")  $wheel"; done
 echo "wheels $(mib "$(bytes .whl)") + working tree $(mib "$tree") = $(mib "$total")" \
   "of the 64 MiB a command carries"
 
+# A Python 3.12: PYTHON312, else python3.12 on the PATH, else pyenv's.
 PYTHON312=${PYTHON312:-python3.12}
+if ! "$PYTHON312" --version &>/dev/null && command -v pyenv >/dev/null; then
+  PYTHON312="$(pyenv prefix 3.12 2>/dev/null)/bin/python3.12"
+fi
 if "$PYTHON312" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
   site=$(mktemp -d)
   "$PYTHON312" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -9,7 +9,8 @@ for the device tool's `run` with carry [".whl"] and timeout_s 420:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 benchmarks/gpu_slot.py --out $OUT --budget-seconds 300
 
-What it does, each line appended to OUT/gpu_slot.md as it completes, and printed:
+What it does, each line appended to OUT/gpu_slot.md as it completes, and printed (the
+traceback of any failure to OUT/gpu_slot_errors.txt):
   1. a header: date, device, Python, and each package's version and where it came from;
   2. a smoke run: every setup below on the tiny InternVL (seconds on a GPU); a setup that
      fails here is left out of the full-size run, so a broken path costs no 8B time;
@@ -37,6 +38,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,6 +88,12 @@ def versions() -> str:
             continue
         parts.append(f"{name} {module.__version__} ({Path(module.__file__).parents[1]})")
     return ", ".join(parts)
+
+
+def keep_traceback(out: Path, what: str) -> None:
+    """Beside the report, in gpu_slot_errors.txt: the slot's machine is gone afterwards."""
+    with (out / "gpu_slot_errors.txt").open("a", encoding="utf-8") as errors:
+        errors.write(f"{what}\n{traceback.format_exc()}\n")
 
 
 def quantize_nf4(model, dtype: torch.dtype) -> None:
@@ -164,6 +172,7 @@ def run_phase(
             model = build_model(config, setup, dtype, device)
         except Exception as error:  # noqa: BLE001 - a setup that cannot be built is a result
             emit(f"all | {label} | cannot build: {type(error).__name__}: {error}")
+            keep_traceback(args.out, f"{title}, setup {number}: cannot build")
             free_memory()
             continue
         built = time.monotonic() - start
@@ -176,6 +185,7 @@ def run_phase(
                 figures[stage] = r
         except Exception as error:  # noqa: BLE001 - a setup that fails is a result
             emit(f"all | {label} | failed: {type(error).__name__}: {error}")
+            keep_traceback(args.out, f"{title}, setup {number}: failed")
         del model
         free_memory()
         if figures:
@@ -247,6 +257,7 @@ def run_slot(args, started: float) -> None:
     except Exception as error:  # noqa: BLE001 - then the nf4 setups cannot run
         emit(f"nf4: absent, bitsandbytes not installed ({type(error).__name__}: {error}); "
              "fetch_gpu_wheels.sh carries its wheel while the 64 MiB allow it")  # fmt: skip
+        keep_traceback(args.out, "import bitsandbytes")
         chosen = [(n, s) for n, s in chosen if s.quantization != "nf4"]
 
     paths = write_clips(args.workdir / "clips", 24, seed=0, shared_frames=True)

@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/padding.py
 	$(BIN)/python benchmarks/dataloader.py
 	$(BIN)/python benchmarks/train_step.py --tiny
+	$(BIN)/python benchmarks/flops.py
 
 # The full-size training step: needs a GPU (and 16 GB of disk for the random weights).
 bench-gpu: $(STAMP)

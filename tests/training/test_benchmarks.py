@@ -164,3 +164,38 @@ def test_dataloader_benchmark_reports_rates_and_parts():
     assert all(rate > 0 for pair in rates.values() for rate in pair)
     parts = {(r[0], r[1]) for r in rows if len(r) == 3}
     assert parts >= {("stage1", "decode"), ("stage1", "encode"), ("stage2", "collate")}
+
+
+def test_flops_benchmark_counts_every_group_and_the_recompute_beside_the_formula(tmp_path):
+    rows = table("flops.py", "--tiny", "--workdir", str(tmp_path))
+    header = [r for r in rows if r[0] == "stage"]
+    assert header[0] == ["stage", "checkpointing", "vision", "projector", "language model",
+                         "LoRA", "head", "other", "recompute", "executed", "model",
+                         "executed/model"]  # fmt: skip
+    assert header[1] == ["stage", "checkpointing", "group", "forward", "backward", "recompute"]
+    names = header[0][2:]
+    steps = {(r[0], r[1]): dict(zip(names, map(float, r[2:]), strict=True))
+             for r in rows if len(r) == len(names) + 2 and r[0] != "stage"}  # fmt: skip
+    phases = {(r[0], r[1], r[2]): tuple(map(float, r[3:]))
+              for r in rows if len(r) == 6 and r[0] != "stage"}  # fmt: skip
+    runs = {(stage, gc) for stage in ("stage1", "stage2") for gc in ("gc off", "gc on")}
+    assert set(steps) == runs
+    assert {key[:2] for key in phases} == runs and {key[2] for key in phases} == set(names[:6])
+
+    def close(a: float, b: float) -> bool:  # the table rounds to 4 significant digits
+        return abs(a - b) <= 1e-2 * abs(b)
+
+    for (stage, gc), f in steps.items():
+        assert all(f[g] > 0 for g in ("vision", "projector", "language model", "LoRA", "head"))
+        assert f["other"] == 0  # every counted FLOP belongs to a group
+        assert close(f["executed"], sum(f[g] for g in names[:7]))
+        assert close(f["executed/model"], f["executed"] / f["model"])
+        assert phases[stage, gc, "vision"][1:] == (0, 0)  # the frozen vision runs forward only
+        forward, backward, recompute = phases[stage, gc, "language model"]
+        assert backward > 0
+        if gc == "gc off":
+            assert f["recompute"] == 0
+            assert 0.9 < f["executed/model"] <= 1.05
+        else:  # the language model's forward, once more
+            assert close(recompute, forward) and f["recompute"] > recompute
+    assert steps["stage2", "gc off"]["executed"] > steps["stage1", "gc off"]["executed"]

@@ -54,11 +54,11 @@ from train_step import (
     setups,
     stage_lines,
 )
-from transformers import BitsAndBytesConfig, InternVLForConditionalGeneration
+from transformers import InternVLForConditionalGeneration
 from transformers.quantizers import AutoHfQuantizer
 from transformers.utils import is_flash_attn_2_available
 
-from robovqa_ft.model import FAMILIES, attach_lora, prepare_model
+from robovqa_ft.model import FAMILIES, attach_lora, nf4_config, prepare_model
 from robovqa_ft.random_model import ARCHITECTURES, internvl_config
 
 # train_step's setups, by number: the seed's (1) and bf16 LoRA (3) first, as the
@@ -102,12 +102,7 @@ def quantize_nf4(model, dtype: torch.dtype) -> None:
     and each keeps its weight, quantized as it is moved to its device."""
     import bitsandbytes as bnb
 
-    config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=list(FAMILIES["internvl"].keep_unquantized),
-    )  # fmt: skip
-    quantizer = AutoHfQuantizer.from_config(config)
+    quantizer = AutoHfQuantizer.from_config(nf4_config(FAMILIES["internvl"], dtype))
     weights = dict(model.named_parameters())
     device = next(iter(weights.values())).device
     quantizer.preprocess_model(model, device_map={"": device})

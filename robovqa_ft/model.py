@@ -93,13 +93,7 @@ def load_model(
         "attn_implementation": attn_implementation,
     }
     if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=getattr(torch, dtype),
-            llm_int8_skip_modules=list(family.keep_unquantized),
-        )
+        kwargs["quantization_config"] = nf4_config(family, getattr(torch, dtype))
     elif quantization != "none":
         raise ValueError(f"quantization {quantization!r} is not 'nf4' or 'none'")
     if torch.cuda.is_available():
@@ -113,6 +107,18 @@ def load_model(
             )
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     return prepare_model(model, quantization, gradient_checkpointing)
+
+
+def nf4_config(family: Family, dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's quantization: NF4 with double quantization, computing in `dtype`, for the
+    language model's linear layers only."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=list(family.keep_unquantized),
+    )
 
 
 def prepare_model(model: Any, quantization: str, gradient_checkpointing: bool) -> Any:

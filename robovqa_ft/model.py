@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+)
 
 from robovqa_ft.ranks import world
 
@@ -164,8 +170,16 @@ def attach_lora(
     """LoRA on the language model's linear layers: fresh, or continued from `init_adapter`."""
     if init_adapter is not None:
         log.info("LoRA continued from %s (trainable)", init_adapter)
-        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET_MODULES
-    )
-    return get_peft_model(model, config)
+        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        config = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET_MODULES
+        )
+        peft_model = get_peft_model(model, config)
+    # transformers and peft make the embeddings' outputs require grad under checkpointing,
+    # which only reentrant checkpointing needs: the first layer would compute input
+    # gradients for nothing.
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.disable_input_require_grads()
+    return peft_model

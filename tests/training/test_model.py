@@ -5,7 +5,7 @@ from functools import partial
 import bitsandbytes as bnb
 import pytest
 import torch
-from peft import prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
 from robovqa_ft.loss import labelled_token_losses
@@ -119,7 +119,10 @@ def test_the_vision_encoder_runs_forward_only_and_lora_gradients_are_unchanged(
 ):
     torch.manual_seed(0)
     batch = _batch(tiny_setup)
-    old = attach_lora(_seed_recipe_model(tiny_setup, quantization, checkpointing), 8, 16, 0.0)
+    old = get_peft_model(  # as attach_lora did: the old preparation's hooks stay
+        _seed_recipe_model(tiny_setup, quantization, checkpointing),
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES),
+    )
     torch.manual_seed(0)
     base = load_model(tiny_setup["model"], quantization, "float32", "sdpa", checkpointing)
     new = attach_lora(base, 8, 16, 0.0)
@@ -176,3 +179,16 @@ def test_nf4_keeps_the_unquantized_weights_in_the_compute_dtype(tiny_setup):
     losses.mean().backward()
     assert streams and set(streams) == {torch.bfloat16}
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_no_gradient_is_computed_for_the_first_layers_frozen_inputs(tiny_setup, quantization):
+    base = load_model(tiny_setup["model"], quantization, "float32", "sdpa", True)
+    model = attach_lora(base, 8, 16, 0.0).train()
+    embeddings = []
+    base.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: embeddings.append(out.requires_grad)
+    )
+    labelled_token_losses(model, _batch(tiny_setup, rows=1)).losses.mean().backward()
+    assert embeddings == [False]
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -52,12 +52,11 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py --workdir $(or $(BENCH_DIR),/tmp/robovqa-bench)
 
-# The training step within a short GPU slot (benchmarks/gpu_slot.py; docs/performance.md).
-# `make gpu-wheels` puts the pins the slot's machine lacks in .whl/; then the device tool's
-# `run`, with carry [".whl"] and timeout_s 420, runs:
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 benchmarks/gpu_slot.py --out $OUT --budget-seconds 300
-# `make rehearse-gpu-slot` runs that benchmark here at tiny size (CPU, float32), with a
-# budget that leaves setups out (SLOT_ARGS="--budget-seconds 600" runs them all).
+# The training step within a short GPU slot: `make gpu-wheels` puts the pins the slot's
+# machine lacks in .whl/; the command to run there is in benchmarks/gpu_slot.py's
+# docstring. `make rehearse-gpu-slot` runs that benchmark here at tiny size (CPU,
+# float32), with a budget that leaves setups out (SLOT_ARGS="--budget-seconds 600" runs
+# them all).
 .PHONY: gpu-wheels rehearse-gpu-slot
 gpu-wheels: $(STAMP)
 	bash benchmarks/fetch_gpu_wheels.sh

@@ -152,7 +152,9 @@ class GroupTracker:
     on gradient hooks that frozen modules never fire (it then charges later backward ops
     to every module still open). Its `parents` name the group and phase of the op running:
     in forward, the innermost group module running; in backward, the group whose forward
-    made the autograd node running; a module forward inside backward is a recomputation."""
+    made the autograd node running; a module forward inside backward is a recomputation.
+    It reads torch internals (`torch._C._current_graph_task_id`, `_current_autograd_node`,
+    the counter's `mod_tracker`) as torch 2.14 has them: another torch may need changes."""
 
     def __init__(self, groups: dict):
         self.groups, self.running = groups, []

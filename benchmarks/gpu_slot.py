@@ -143,9 +143,10 @@ def run_phase(
     settings: argparse.Namespace,
     deadline: float,
     emit: Callable[[str], None],
+    first_estimate: float = 0.0,
 ) -> tuple[dict[int, dict], list[tuple[int, Setup]]]:
     """Each setup of `chosen` while the budget covers it: ({number: {stage: figures}}, the
-    setups not run)."""
+    setups not run). The first starts only if `first_estimate` seconds are left."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, settings.dtype)
     processor = processor_for(paths, ARCHITECTURES[architecture]["image_size"])
@@ -157,7 +158,7 @@ def run_phase(
          f"{settings.samples_per_step} samples a step, {settings.steps} timed")  # fmt: skip
     emit(COLUMNS)
     results: dict[int, dict] = {}
-    estimate = 0.0  # the setup before's seconds
+    estimate = first_estimate  # then the setup before's seconds
     for index, (number, setup) in enumerate(chosen):
         if deadline - time.monotonic() < estimate:
             return results, chosen[index:]
@@ -262,14 +263,20 @@ def run_slot(args, started: float) -> None:
     if skipped or time.monotonic() > deadline:
         emit(f"skipped, the budget spent: {names(skipped, dtype)}; the full-size run")
     else:
-        passed = [(n, s) for n, s in chosen if all(results.get(n, {None: None}).values())]
+        passed = [
+            (n, s)
+            for n, s in chosen
+            if set(results.get(n, {})) == set(STAGES) and all(results[n].values())
+        ]
         if failed := [(n, s) for n, s in chosen if (n, s) not in passed]:
             emit(f"left out, failed in the smoke run: {names(failed, dtype)}")
         full = argparse.Namespace(samples_per_step=16 if args.tiny else 32, steps=1,
                                   dtype=dtype, stages=STAGES)  # fmt: skip
         architecture = "tiny" if args.tiny else "internvl3-8b"
+        # An 8B setup is built (seconds) and runs two warm-up and two timed steps: a
+        # minute at the least, however fast the smoke run went.
         results, skipped = run_phase("full size", passed, architecture, paths, args, full,
-                                     deadline, emit)  # fmt: skip
+                                     deadline, emit, 0.0 if args.tiny else 60.0)  # fmt: skip
         if skipped:
             emit(f"skipped, the time left below the setup before's: {names(skipped, dtype)}")
         emit(default_line(results, passed, dtype))

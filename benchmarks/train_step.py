@@ -52,7 +52,7 @@ from robovqa_ft.samples import IGNORE_INDEX, StepSampler, collator
 from robovqa_ft.train import CurriculumTrainer, MetricsLog, training_arguments
 
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
-LORA = {"r": 128, "alpha": 256, "dropout": 0.05}  # config.yaml's
+LORA = CONFIG["lora"]  # r 128, alpha 256, as config.yaml
 COLUMNS = ("stage | quantization | gradient checkpointing | attention | micro-batch | padding | "
            "s/step | tokens/s | TFLOP/s | MFU | peak GB | real tokens")  # fmt: skip
 

@@ -136,18 +136,19 @@ def val_loss(
     token, at training's precision; samples are built in `workers` DataLoader workers."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                         collate_fn=partial(pad_batch, pad_token_id=pad_id))  # fmt: skip
-    total, tokens, samples = 0.0, 0, 0
+    total, tokens, samples, skipped = 0.0, 0, 0, 0
     device = next(model.parameters()).device
     with torch.no_grad(), training_precision(dtype):
         for batch in loader:
-            batch = _model_inputs(batch, device)
-            samples += len(batch["input_ids"])
-            losses = labelled_token_losses(model, batch).losses
+            inputs, counters = split_counters(batch)
+            samples += counters["samples"]
+            skipped += counters["skipped_samples"]  # not even their first answer fits
+            losses = labelled_token_losses(model, _on(inputs, device)).losses
             total += float(losses.sum())
             tokens += len(losses)
     loss = total / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "samples": samples, "tokens": tokens,
-            "reduction": LOSS_REDUCTION}  # fmt: skip
+            "skipped_samples": skipped, "reduction": LOSS_REDUCTION}  # fmt: skip
 
 
 class _Prompts(Dataset):
@@ -169,8 +170,8 @@ def generate_answers(
     rows: list[dict],
     batch_size: int,
     max_new_tokens: int,
-    workers: int = 0,
-    dtype: str = "float32",
+    workers: int,
+    dtype: str,
 ) -> list[str]:
     """Greedy answers to each row's first question, in batches (left-padded prompts)."""
     tokenizer = builder.processor.tokenizer
@@ -183,7 +184,7 @@ def generate_answers(
     answers = []
     with torch.no_grad(), training_precision(dtype):
         for batch in loader:
-            batch = _model_inputs(batch, device)
+            batch = _on(split_counters(batch)[0], device)
             output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                                     pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=stops)  # fmt: skip
@@ -205,9 +206,8 @@ def hardware() -> str:
     return f"CPU only ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def _model_inputs(batch: dict, device: torch.device) -> dict:
-    """The batch without the collator's counters, on the model's device."""
-    return {k: v.to(device) for k, v in split_counters(batch)[0].items()}
+def _on(inputs: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def evaluate_run(

@@ -43,6 +43,7 @@ def labelled_token_losses(model: Any, inputs: dict[str, Any]) -> TokenLosses:
     """
     inputs = dict(inputs)
     labels = inputs.pop("labels")
+    inputs.setdefault("use_cache", False)  # in eval mode a KV cache is made and thrown away
     mask = predicting_positions(labels)
     logits = model(**inputs, logits_to_keep=mask).logits  # (labelled tokens, vocab)
     rows, positions = mask.nonzero(as_tuple=True)

@@ -151,16 +151,22 @@ def prepare_model(model: Any, quantization: str, gradient_checkpointing: bool) -
                 p.is_floating_point() for p in module.parameters(recurse=False)
             ):
                 module.float()
-                module.register_forward_hook(_output_in_input_dtype)
+                module.register_forward_hook(_output_in_input_dtype, with_kwargs=True)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad.
         inner.language_model.activation_checkpointing_enable({"use_reentrant": False})
+        inner.language_model.disable_input_require_grads()  # see attach_lora
     return model
 
 
-def _output_in_input_dtype(module: Any, args: tuple, output: Any) -> Any:
-    if args and torch.is_tensor(args[0]) and torch.is_tensor(output):
-        return output.to(args[0].dtype)
+def _output_in_input_dtype(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+    given = next((x for x in (*args, *kwargs.values()) if torch.is_tensor(x)), None)
+    if given is None:
+        return output
+    if torch.is_tensor(output):
+        return output.to(given.dtype)
+    if isinstance(output, tuple):
+        return tuple(x.to(given.dtype) if torch.is_tensor(x) else x for x in output)
     return output
 
 

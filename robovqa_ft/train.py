@@ -184,6 +184,12 @@ class CurriculumTrainer(Trainer):
     train_sampler: StepSampler | None = None
     loss_is_scaled_for_ga = True  # divided by the whole step's labelled tokens, below
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The Trainer counts a step's labelled tokens only for models that take loss
+        # kwargs, which Qwen-VL's classes say they do not; `compute_loss` passes none.
+        self.model_accepts_loss_kwargs = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs, counters = split_counters(inputs)
         if model.training:
@@ -192,7 +198,8 @@ class CurriculumTrainer(Trainer):
             self.metrics.count(*real_tokens(inputs), **counters)
         losses = labelled_token_losses(model, inputs).losses
         # As the model's own loss would be: the sum over the step's labelled tokens (of
-        # every rank, which DDP's gradient mean then undoes), or this batch's mean.
+        # every rank, which DDP's gradient mean then undoes), or this batch's mean. One
+        # process per GPU (launch.py): no DataParallel, no tensor parallelism.
         if num_items_in_batch is None:
             loss = losses.mean()
         else:

@@ -13,7 +13,7 @@ rule evaluate:
         "benchmarks/evaluate/{run}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: max(2, config["evaluation"]["dataloader_workers"] + 1)
     resources:
         gpu=1,
     # The script reads the bookkeeping keys (batch of prompts, workers) from the config.

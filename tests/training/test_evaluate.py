@@ -121,6 +121,7 @@ def test_val_loss_is_the_token_mean_of_the_training_loss(tiny_setup, workers):
         total += float(model(**inputs).loss) * n
         tokens += n
     assert result["tokens"] == tokens and result["samples"] == 6
+    assert result["skipped_samples"] == 0
     assert result["loss"] == pytest.approx(total / tokens, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     assert "token-level mean" in result["reduction"]
@@ -168,8 +169,7 @@ def test_batched_left_padded_generation_answers_like_one_at_a_time(tiny_setup, t
     # prompts of different lengths: a padding mistake would change the answers
     rows = [json.loads(line) for line in tiny_setup["stage1_val"].read_text().splitlines()][:6]
     rows[1]["conversations"][0]["value"] += " and then some more words to make it longer"
-    batched = generate_answers(model, builder, rows, batch_size=6, max_new_tokens=6)
-    single = [
-        generate_answers(model, builder, [r], batch_size=1, max_new_tokens=6)[0] for r in rows
-    ]
+    settings = {"max_new_tokens": 6, "workers": 0, "dtype": "float32"}
+    batched = generate_answers(model, builder, rows, batch_size=6, **settings)
+    single = [generate_answers(model, builder, [r], batch_size=1, **settings)[0] for r in rows]
     assert batched == single

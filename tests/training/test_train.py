@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import pytest
 import torch
 from training_helpers import adapter_weights, csv_rows, max_difference, run_settings, wait_for
 from training_helpers import train_tiny as run
+from transformers import InternVLForConditionalGeneration, Trainer, set_seed
 
 from robovqa_ft.checkpoints import (
     COMPLETE_MARKER,
@@ -20,8 +22,9 @@ from robovqa_ft.checkpoints import (
     latest_complete_checkpoint,
     prepare_checkpoint_dir,
 )
-from robovqa_ft.model import attach_lora, load_model
-from robovqa_ft.train import train_run
+from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
+from robovqa_ft.samples import JsonlDataset, SampleBuilder, collator, split_counters
+from robovqa_ft.train import CurriculumTrainer, MetricsLog, train_run, training_arguments
 
 DRIVER = """
 import json, logging, sys, time
@@ -293,3 +296,55 @@ def test_fingerprint_ignores_bookkeeping_but_not_what_shapes_the_weights(tiny_se
     assert fingerprint(packed, data) == base  # same samples, same order
     grouped = {**settings, "training": {**settings["training"], "padding": "grouped"}}
     assert fingerprint(grouped, data) != base  # another order
+
+
+class ModelsOwnLoss(Trainer):
+    """The stock Trainer and the model's own full-logit loss: what the project's loss
+    (`CurriculumTrainer.compute_loss`) must reproduce, scaling included."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        return super().compute_loss(model, split_counters(inputs)[0], *args, **kwargs)
+
+
+def _two_logged_steps(tiny_setup, out: Path, trainer_class) -> list[tuple[float, float]]:
+    set_seed(0)
+    base = load_model(tiny_setup["model"], "none", "float32", "sdpa", False)
+    model = attach_lora(base, 8, 16, 0.0)
+    processor = load_processor(tiny_setup["model"])
+    builder = SampleBuilder(
+        processor, model_family(tiny_setup["model"]), tiny_setup["images"], 4, 512
+    )
+    settings = run_settings(tiny_setup["model"], stage={"batch_size": 2, "grad_accum": 2},
+                            max_steps=2, eval_steps=100, save_steps=100)  # fmt: skip
+    args = training_arguments(out, settings["stage"], settings["training"], settings["model"])
+    trainer = trainer_class(
+        model=model, args=dataclasses.replace(args, save_strategy="no", eval_strategy="no"),
+        train_dataset=JsonlDataset(tiny_setup["stage2_train"], builder, limit=8),
+        data_collator=collator("longest", processor.tokenizer.pad_token_id),
+    )  # fmt: skip
+    trainer.metrics = MetricsLog(out, 0, 0)
+    trainer.train()
+    return [(row["loss"], row["grad_norm"]) for row in trainer.state.log_history if "loss" in row]
+
+
+def test_the_training_loss_is_the_models_own_over_the_steps_labelled_tokens(tiny_setup, tmp_path):
+    # Two accumulated micro-batches of different label counts a step: a loss divided by
+    # the wrong count, or scaled twice for accumulation, changes both loss and gradient.
+    ours = _two_logged_steps(tiny_setup, tmp_path / "ours", CurriculumTrainer)
+    stock = _two_logged_steps(tiny_setup, tmp_path / "stock", ModelsOwnLoss)
+    assert len(ours) == len(stock) == 2
+    for (loss, norm), (stock_loss, stock_norm) in zip(ours, stock, strict=True):
+        assert loss == pytest.approx(stock_loss, rel=1e-5)
+        assert norm == pytest.approx(stock_norm, rel=1e-4)
+
+
+def test_a_model_that_takes_no_loss_kwargs_still_trains(tiny_setup, tmp_path, monkeypatch):
+    # Qwen2.5-VL and Qwen3-VL say so; the Trainer would then not count labelled tokens.
+    reference = run(tiny_setup, tmp_path / "reference", max_steps=2)
+    monkeypatch.setattr(InternVLForConditionalGeneration, "accepts_loss_kwargs", False,
+                        raising=False)  # fmt: skip
+    adapter = run(tiny_setup, tmp_path / "qwen-like", max_steps=2)
+    losses = [[row["loss"] for row in csv_rows(folder / "train_metrics.csv")]
+              for folder in (tmp_path / "reference", tmp_path / "qwen-like")]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    assert max_difference(adapter_weights(adapter), adapter_weights(reference)) == 0

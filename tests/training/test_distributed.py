@@ -167,6 +167,12 @@ def test_two_processes_give_the_one_process_adapter_writing_each_file_once(tiny_
     rows = csv_rows(out / "train_metrics.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]  # one row per step
     assert all(int(r["samples"]) == 8 for r in rows)  # both ranks' samples: the global batch
+    # The loss is divided by both ranks' labelled tokens and scaled back for DDP's mean:
+    # a wrong scale would hardly move Adam's adapter, but it moves the loss and the norm.
+    single = csv_rows(tmp_path / "one" / "train_metrics.csv")
+    for row, alone in zip(rows, single, strict=True):
+        assert float(row["loss"]) == pytest.approx(float(alone["loss"]), rel=1e-5)
+        assert float(row["grad_norm"]) == pytest.approx(float(alone["grad_norm"]), rel=1e-4)
     log = (out / "training.log").read_text()
     assert log.count("Training with 2 processes") == 1
     assert log.count("adapter written") == 1

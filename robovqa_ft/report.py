@@ -125,7 +125,7 @@ def plot_loss_curves(run_dirs: dict[str, Path], path: Path) -> None:
             line = axis.plot(train["step"], train["loss"], label=f"{run} train", alpha=0.7)[0]
             if not evals.empty:
                 axis.plot(evals["step"], evals["eval_loss"], "o--", color=line.get_color(),
-                          label=f"{run} val")  # fmt: skip
+                          label=f"{run} val (token mean)")  # fmt: skip
     axis.set_xlabel("optimizer step (each run counts from 0)")
     axis.set_ylabel("loss (token-level cross-entropy)")
     axis.set_title("Training and periodic val loss")

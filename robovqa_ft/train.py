@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.utils.data import DataLoader, Subset
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from robovqa_ft import ranks
@@ -107,7 +108,7 @@ class MetricsLog(TrainerCallback):
     TRAIN = ["step", "epoch", "loss", "learning_rate", "grad_norm", "samples", "samples_per_s",
              "tokens_per_s", "real_token_share", "peak_memory_gb", "dropped_turns",
              "skipped_samples"]  # fmt: skip
-    EVAL = ["step", "epoch", "eval_loss", "eval_samples"]
+    EVAL = ["step", "epoch", "eval_loss", "eval_samples", "eval_tokens"]
 
     def __init__(self, run_dir: Path, resumed_step: int, eval_samples: int):
         self.train_csv, self.eval_csv = run_dir / "train_metrics.csv", run_dir / "eval_metrics.csv"
@@ -133,7 +134,8 @@ class MetricsLog(TrainerCallback):
         row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
         if "eval_loss" in logs and self.writes:
             _append(self.eval_csv, self.EVAL, {**row, "eval_loss": logs["eval_loss"],
-                                               "eval_samples": self.eval_samples})  # fmt: skip
+                                               "eval_samples": self.eval_samples,
+                                               "eval_tokens": logs.get("eval_tokens")})  # fmt: skip
         elif "loss" in logs:
             seconds = max(time.monotonic() - self.window_start, 1e-9)
             samples, tokens, computed, dropped, skipped = ranks.summed(
@@ -208,11 +210,34 @@ class CurriculumTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """The periodic val loss as eval.json has it: the training loss summed per token
+        over the whole val set, each rank taking every n-th sample, so that any number of
+        processes gives the value of one (the Trainer's would be a mean of batch means)."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        me = ranks.world()
+        loader = _workers_ignore_sigterm(DataLoader(
+            Subset(dataset, range(me.rank, len(dataset), me.size)),
+            batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+        ))  # fmt: skip
+        total, tokens = 0.0, 0
+        self.model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            for batch in loader:
+                inputs = self._prepare_inputs(split_counters(batch)[0])
+                losses = labelled_token_losses(self.model, inputs).losses
+                total, tokens = total + float(losses.sum()), tokens + len(losses)
+        total, tokens = ranks.summed([total, tokens])
+        metrics = {f"{metric_key_prefix}_loss": total / tokens,
+                   f"{metric_key_prefix}_tokens": int(tokens)}  # fmt: skip
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
+                                                         metrics)  # fmt: skip
+        return metrics
+
     def get_train_dataloader(self):
         return _workers_ignore_sigterm(super().get_train_dataloader())
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        return _workers_ignore_sigterm(super().get_eval_dataloader(eval_dataset))
 
     def _get_train_sampler(self, train_dataset=None):
         if self.train_sampler is not None:

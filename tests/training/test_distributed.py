@@ -173,6 +173,12 @@ def test_two_processes_give_the_one_process_adapter_writing_each_file_once(tiny_
     for row, alone in zip(rows, single, strict=True):
         assert float(row["loss"]) == pytest.approx(float(alone["loss"]), rel=1e-5)
         assert float(row["grad_norm"]) == pytest.approx(float(alone["grad_norm"]), rel=1e-4)
+    # The periodic val loss: each rank's share of the val set, its sums added up.
+    evals = [csv_rows(folder / "eval_metrics.csv") for folder in (out, tmp_path / "one")]
+    assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] != []
+    for row, alone in zip(*evals, strict=True):
+        assert row["eval_tokens"] == alone["eval_tokens"]
+        assert float(row["eval_loss"]) == pytest.approx(float(alone["eval_loss"]), rel=1e-5)
     log = (out / "training.log").read_text()
     assert log.count("Training with 2 processes") == 1
     assert log.count("adapter written") == 1

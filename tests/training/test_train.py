@@ -22,6 +22,7 @@ from robovqa_ft.checkpoints import (
     latest_complete_checkpoint,
     prepare_checkpoint_dir,
 )
+from robovqa_ft.evaluate import val_loss
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
 from robovqa_ft.samples import JsonlDataset, SampleBuilder, collator, split_counters
 from robovqa_ft.train import CurriculumTrainer, MetricsLog, train_run, training_arguments
@@ -348,3 +349,31 @@ def test_a_model_that_takes_no_loss_kwargs_still_trains(tiny_setup, tmp_path, mo
               for folder in (tmp_path / "reference", tmp_path / "qwen-like")]  # fmt: skip
     assert losses[0] == losses[1] and len(losses[0]) == 2
     assert max_difference(adapter_weights(adapter), adapter_weights(reference)) == 0
+
+
+def test_the_periodic_val_loss_is_token_level_like_eval_json(tiny_setup, tmp_path):
+    set_seed(0)
+    model = attach_lora(load_model(tiny_setup["model"], "none", "float32", "sdpa", False), 8, 16, 0)
+    processor = load_processor(tiny_setup["model"])
+    builder = SampleBuilder(
+        processor, model_family(tiny_setup["model"]), tiny_setup["images"], 4, 512
+    )
+    val = JsonlDataset(tiny_setup["stage1_val"], builder, limit=7)
+    settings = run_settings(tiny_setup["model"], stage={"batch_size": 2})
+    args = training_arguments(tmp_path, settings["stage"], settings["training"], settings["model"])
+    pad = processor.tokenizer.pad_token_id
+    trainer = CurriculumTrainer(model=model, args=args, eval_dataset=val,
+                                data_collator=collator("longest", pad))  # fmt: skip
+    trainer.metrics = MetricsLog(tmp_path, 0, len(val))
+    periodic = trainer.evaluate()
+
+    final = val_loss(model, val, batch_size=3, pad_id=pad, workers=0, dtype="float32")
+    assert periodic["eval_tokens"] == final["tokens"]
+    assert periodic["eval_loss"] == pytest.approx(final["loss"], rel=1e-6)
+    # what the Trainer's own evaluation would report: a mean of batch means, here not
+    # the same (yes/no answers and longer ones carry different token counts)
+    batch_means = []
+    for start in range(0, len(val), 2):
+        batch = collator("longest", pad)([val[i] for i in range(start, min(start + 2, len(val)))])
+        batch_means.append(float(model(**split_counters(batch)[0]).loss))
+    assert abs(sum(batch_means) / len(batch_means) - final["loss"]) > 1e-4

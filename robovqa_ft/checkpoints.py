@@ -56,7 +56,7 @@ def exclusive_lock(checkpoint_dir: Path) -> Iterator[None]:
 # reaches: changing them must neither re-run a finished training nor throw checkpoints away.
 # The GPU count is one: the global batch stays batch_size × grad_accum on any count.
 BOOKKEEPING = {
-    "training": {"logging_steps", "eval_steps", "eval_samples", "save_steps",
+    "training": {"logging_steps", "eval_steps", "eval_clips", "save_steps",
                  "save_every_minutes", "save_total_limit", "dataloader_workers", "gpus",
                  "hang_timeout_minutes", "stop_grace_seconds"},
     "model": {"max_memory_gb", "attn_implementation", "gradient_checkpointing"},

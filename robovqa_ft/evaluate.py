@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from robovqa_ft.files import atomic_open, write_json_atomic
 from robovqa_ft.loss import labelled_token_losses
 from robovqa_ft.model import load_model, load_processor, model_family
-from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch, split_counters
+from robovqa_ft.samples import JsonlDataset, SampleBuilder, clip_order, pad_batch, split_counters
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +118,18 @@ def _mean(values: list) -> float | None:
 
 
 def answer_sample(val_jsonl: Path | str, per_group: int, seed: int) -> list[dict]:
-    """Up to `per_group` val questions of each score group, chosen by a seeded hash of their
-    id: the same questions for every run."""
-    by_group: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+    """Up to `per_group` val questions of each score group, taken clip by clip in the
+    seeded clip order (`clip_order`; within a clip, by a seeded hash of the question's id):
+    the same questions for every run."""
+    rank = {clip: i for i, clip in enumerate(clip_order(val_jsonl, seed))}
+    by_group: dict[str, list[tuple[int, str, dict]]] = defaultdict(list)
     with open(val_jsonl, encoding="utf-8") as lines:
         for line in lines:
             row = json.loads(line)
             key = hashlib.sha256(f"{seed}:answers:{row['id']}".encode()).hexdigest()
-            by_group[score_group(row)].append((key, row))
-    return [row for group in sorted(by_group) for _, row in sorted(by_group[group])[:per_group]]
+            by_group[score_group(row)].append((rank[row["video_id"]], key, row))
+    return [row for group in sorted(by_group)
+            for *_, row in sorted(by_group[group], key=lambda t: t[:2])[:per_group]]  # fmt: skip
 
 
 def val_loss(
@@ -238,14 +241,16 @@ def evaluate_run(
     pad_id = processor.tokenizer.pad_token_id
     workers, dtype = evaluation["dataloader_workers"], model["dtype"]
 
+    # The same clips for both val sets, so that the two losses describe the same videos.
+    clips = clip_order(val_jsonl["stage2"], evaluation["seed"])[: evaluation["loss_clips"]]
     losses = {}
     for stage, path in val_jsonl.items():
         builder = SampleBuilder(processor, family, images_dir, stages[stage]["max_frames"],
                                 stages[stage]["max_seq_len"])  # fmt: skip
-        dataset = JsonlDataset(path, builder, limit=evaluation["loss_samples"])
+        dataset = JsonlDataset(path, builder, clips=clips)
         losses[f"{stage}_val"] = val_loss(
             net, dataset, evaluation["batch_size"], pad_id, workers, dtype
-        )
+        ) | {"clips": len(clips)}
         log.info("%s %s val loss %.4f", run, stage, losses[f"{stage}_val"]["loss"])
 
     rows = answer_sample(val_jsonl["stage1"], evaluation["answers_per_family"], evaluation["seed"])
@@ -276,7 +281,7 @@ def evaluate_run(
         "loss": losses,
         "answers": {
             "questions": len(rows),
-            "from": "stage-1 val questions, the first question of each line",
+            "from": "stage-1 val questions, taken clip by clip in the seeded clip order",
             "frames": frames,
             "prompt": "the training prompt: frames as `FrameN: <image>`, then the question",
             "decoding": f"greedy, at most {evaluation['max_new_tokens']} new tokens",

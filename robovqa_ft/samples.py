@@ -8,6 +8,7 @@ into image tokens, which all sit in the first human turn.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -172,16 +173,32 @@ class SampleBuilder:
         )
 
 
-class JsonlDataset(Dataset):
-    """Lines of a JSONL file read on demand (by byte offset), encoded by a `SampleBuilder`."""
+def clip_order(jsonl: Path | str, seed: int) -> list[str]:
+    """Every clip (`video_id`) of a JSONL file in one seeded order, by a hash of its id: the
+    same order for the stage-1 and stage-2 files of the same clips, and for every run."""
+    with open(jsonl, encoding="utf-8") as lines:
+        clips = {json.loads(line)["video_id"] for line in lines if line.strip()}
+    return sorted(clips, key=lambda clip: hashlib.sha256(f"{seed}:clips:{clip}".encode()).digest())
 
-    def __init__(self, path: Path | str, builder: SampleBuilder, limit: int | None = None):
+
+class JsonlDataset(Dataset):
+    """Lines of a JSONL file read on demand (by byte offset), encoded by a `SampleBuilder`:
+    all of them, the first `limit`, or those of the given `clips` (in file order)."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        builder: SampleBuilder,
+        limit: int | None = None,
+        clips: list[str] | None = None,
+    ):
         self.path, self.builder = Path(path), builder
         self.offsets = []
+        wanted = set(clips) if clips is not None else None
         with self.path.open("rb") as handle:
             offset = 0
             for line in handle:
-                if line.strip():
+                if line.strip() and (wanted is None or json.loads(line)["video_id"] in wanted):
                     self.offsets.append(offset)
                 offset += len(line)
         if limit is not None:

@@ -39,6 +39,7 @@ from robovqa_ft.samples import (
     JsonlDataset,
     SampleBuilder,
     StepSampler,
+    clip_order,
     collator,
     real_tokens,
     split_counters,
@@ -290,12 +291,15 @@ def train_run(
     training: dict,
     init_adapter: Path | str | None = None,
     data_metadata: Path | str | None = None,
+    val_seed: int = 0,
 ) -> Path:
     """Train LoRA on `train_jsonl` and write the adapter to `adapter_dir` when done.
 
     `model`, `lora`, `stage` and `training` are the config sections of the same names.
     `data_metadata` (the data's metadata.json) joins the fingerprint, so frames extracted
-    anew with other settings never resume old checkpoints. Under torchrun, every rank
+    anew with other settings never resume old checkpoints. The periodic val loss is taken
+    on the first `training.eval_clips` clips of the seeded order `val_seed` (evaluation's
+    seed: the clips of the final loss begin with them). Under torchrun, every rank
     calls this; rank 0 alone locks, checks and writes the run's files.
     """
     run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
@@ -341,7 +345,8 @@ def train_run(
             processor, family, images_dir, stage["max_frames"], stage["max_seq_len"]
         )
         train_set = JsonlDataset(train_jsonl, builder)
-        val_set = JsonlDataset(val_jsonl, builder, limit=training["eval_samples"])
+        clips = clip_order(val_jsonl, val_seed)[: training["eval_clips"]]
+        val_set = JsonlDataset(val_jsonl, builder, clips=clips)
         sampler = training_order(train_set, stage, training, checkpoint_dir, current)
         args = training_arguments(checkpoint_dir, stage, training, model)
         if args.world_size != me.size:  # e.g. torchrun with use_cpu=False on a CPU box

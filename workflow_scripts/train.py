@@ -23,5 +23,6 @@ with log_to(snakemake.log[0]):
             "training": config["training"],
             "init_adapter": snakemake.input.get("init_adapter"),
             "data_metadata": snakemake.input.metadata,
+            "val_seed": config["evaluation"]["seed"],
         },
     )

@@ -17,7 +17,13 @@ from robovqa_ft.evaluate import (
     yes_no,
 )
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
-from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch, split_counters
+from robovqa_ft.samples import (
+    JsonlDataset,
+    SampleBuilder,
+    clip_order,
+    pad_batch,
+    split_counters,
+)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +103,35 @@ def test_answer_sample_is_stratified_and_the_same_for_every_run(tiny_setup):
     groups = [r["task"] for r in first]
     assert len(first) == 6 and sorted(set(groups)) == ["past_description", "success"]
     assert answer_sample(tiny_setup["stage1_val"], per_group=3, seed=1) != first
+    # clip by clip: each group's questions come from the first clips of the seeded order
+    order = clip_order(tiny_setup["stage1_val"], seed=0)
+    for group in set(groups):
+        clips = [order.index(r["video_id"]) for r in first if r["task"] == group]
+        assert clips == sorted(clips) == list(range(3))  # one question a clip and family
+
+
+def test_loss_clips_are_a_seeded_sample_the_same_for_both_val_sets(tiny_setup, tmp_path):
+    stage1, stage2 = tiny_setup["stage1_val"], tiny_setup["stage2_val"]
+    order = clip_order(stage1, seed=0)
+    assert order == clip_order(stage2, seed=0) == clip_order(stage1, seed=0)
+    in_file = list(
+        dict.fromkeys(json.loads(x)["video_id"] for x in stage2.read_text().splitlines())
+    )
+    assert sorted(order) == sorted(in_file) and order != in_file  # all clips, shuffled
+    assert clip_order(stage1, seed=1) != order
+
+    # Every question of the chosen clips, and none of the others', in both val sets.
+    builder = SampleBuilder(
+        load_processor(tiny_setup["model"]),
+        model_family(tiny_setup["model"]),
+        tiny_setup["images"],
+        4,
+        512,
+    )
+    chosen = order[:3]
+    for path, per_clip in ((stage1, 2), (stage2, 1)):
+        rows = list(JsonlDataset(path, builder, clips=chosen).rows())
+        assert sorted(r["video_id"] for r in rows) == sorted(chosen * per_clip)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -132,7 +167,7 @@ def test_eval_of_a_fixed_adapter_gives_the_same_numbers_twice(tiny_setup, tmp_pa
     adapter = train_tiny(tiny_setup, tmp_path, max_steps=3)
     stages = {"stage1": settings["stage"], "stage2": settings["stage"]}
     evaluation = {"seed": 0, "batch_size": 4, "generation_batch_size": 4,
-                  "dataloader_workers": 1, "loss_samples": 8, "answers_per_family": 3,
+                  "dataloader_workers": 1, "loss_clips": 4, "answers_per_family": 3,
                   "max_new_tokens": 6}  # fmt: skip
     before = (adapter / "adapter_model.safetensors").read_bytes()
     results = []

@@ -68,6 +68,9 @@ def test_stage1_loss_falls_and_metrics_are_written(tiny_setup, tmp_path):
     assert all(float(r["tokens_per_s"]) > 0 and float(r["samples_per_s"]) > 0 for r in rows)
     evals = csv_rows(tmp_path / "eval_metrics.csv")
     assert [int(r["step"]) for r in evals] == [5, 10, 12]
+    # eval_clips 2: both questions of the first two clips of the seeded clip order
+    assert {r["eval_samples"] for r in evals} == {"4"}
+    assert len({r["eval_tokens"] for r in evals}) == 1 and int(evals[0]["eval_tokens"]) > 0
     assert "Starting from step 0" in (tmp_path / "training.log").read_text()
     config = (tmp_path / "config.yaml").read_text()
     assert "learning_rate: 0.002" in config

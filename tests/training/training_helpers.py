@@ -46,7 +46,7 @@ def run_settings(model: Path, model_settings=(), stage=(), lora=(), **training) 
                   "warmup_ratio": 0.25, "scheduler": "cosine", "max_grad_norm": 1.0,
                   "adam_beta1": 0.9, "adam_beta2": 0.999, "weight_decay": 0.01,
                   "max_frames": 4, "max_seq_len": 512, **dict(stage)},
-        "training": {"max_steps": 10, "logging_steps": 1, "eval_steps": 5, "eval_samples": 4,
+        "training": {"max_steps": 10, "logging_steps": 1, "eval_steps": 5, "eval_clips": 2,
                      "save_steps": 2, "save_total_limit": 3, "seed": 0, "dataloader_workers": 0,
                      "save_every_minutes": 60, "padding": "longest", "gpus": 1,
                      "hang_timeout_minutes": 5, "stop_grace_seconds": 60, **training},

@@ -79,6 +79,8 @@ def score_predictions(predictions: list[dict]) -> dict:
         if items[0]["answer_type"] == "yes_no":
             said = [yes_no(p["prediction"]) for p in items]
             blank = [yes_no(p["blank_frames_prediction"]) for p in items]
+            other = [(yes_no(p["other_clip_prediction"]), p["reference"]) for p in items
+                     if p.get("other_clip_prediction") is not None]  # fmt: skip
             yes_share = _mean([p["reference"] == "yes" for p in items])
             scores[group] = {
                 "n": len(items),
@@ -89,6 +91,9 @@ def score_predictions(predictions: list[dict]) -> dict:
                 "blank_frames_accuracy": _mean(
                     [b == p["reference"] for b, p in zip(blank, items, strict=True)]
                 ),
+                # another clip's frames of the same family: no evidence of this clip's
+                "other_clip_accuracy": _mean([said == ref for said, ref in other]),
+                "other_clip_n": len(other),
             }
         else:
             scores[group] = {
@@ -103,6 +108,13 @@ def score_predictions(predictions: list[dict]) -> dict:
     macro = {
         "yes_no_accuracy": _mean([s["accuracy"] for s in yes_no_groups]),
         "blank_frames_yes_no_accuracy": _mean([s["blank_frames_accuracy"] for s in yes_no_groups]),
+        "other_clip_yes_no_accuracy": _mean(
+            [
+                s["other_clip_accuracy"]
+                for s in yes_no_groups
+                if s["other_clip_accuracy"] is not None
+            ]
+        ),
         "yes_no_majority_rate": _mean([s["majority_rate"] for s in yes_no_groups]),
         "bleu": _mean([s["bleu"] for s in free_groups]),
         "exact_match": _mean([s["exact_match"] for s in free_groups]),
@@ -130,6 +142,26 @@ def answer_sample(val_jsonl: Path | str, per_group: int, seed: int) -> list[dict
             by_group[score_group(row)].append((rank[row["video_id"]], key, row))
     return [row for group in sorted(by_group)
             for *_, row in sorted(by_group[group], key=lambda t: t[:2])[:per_group]]  # fmt: skip
+
+
+def other_clip_rows(rows: list[dict], seed: int) -> dict[str, dict]:
+    """Each row (by id) with another clip's frames of its own score group, so the question
+    still fits: a seeded derangement of the group's clips (a cyclic shift of a seeded
+    order, so no clip keeps its own frames). A group of one clip has none."""
+    by_group: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_group[score_group(row)].append(row)
+    swapped = {}
+    for items in by_group.values():
+        frames = {row["video_id"]: row["images"] for row in items}
+        clips = sorted(frames, key=lambda c: hashlib.sha256(f"{seed}:other:{c}".encode()).digest())
+        if len(clips) < 2:
+            continue
+        shown = {clip: clips[(i + 1) % len(clips)] for i, clip in enumerate(clips)}
+        for row in items:
+            other = shown[row["video_id"]]
+            swapped[row["id"]] = {**row, "images": frames[other], "frames_of": other}
+    return swapped
 
 
 def val_loss(
@@ -264,11 +296,15 @@ def evaluate_run(
     yes_no_rows = [r for r in rows if r.get("answer_type") == "yes_no"]
     blank_said = dict(zip([r["id"] for r in yes_no_rows], generate(blank, yes_no_rows),
                           strict=True))  # fmt: skip
+    swapped = other_clip_rows(yes_no_rows, evaluation["seed"])
+    other_said = dict(zip(swapped, generate(seen, list(swapped.values())), strict=True))
     predictions = [
         {"id": r["id"], "group": score_group(r), "family": r["task"],
          "answer_type": r.get("answer_type", "freeform"),
          "question": r["conversations"][0]["value"], "reference": r["conversations"][1]["value"],
-         "prediction": p, "blank_frames_prediction": blank_said.get(r["id"])}
+         "prediction": p, "blank_frames_prediction": blank_said.get(r["id"]),
+         "other_clip_prediction": other_said.get(r["id"]),
+         "other_clip_frames_of": swapped.get(r["id"], {}).get("frames_of")}
         for r, p in zip(rows, said, strict=True)
     ]  # fmt: skip
     with atomic_open(predictions_path) as handle:

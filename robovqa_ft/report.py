@@ -58,6 +58,7 @@ def answer_table(evals: dict[str, dict]) -> pd.DataFrame:
                 row["metric"] = "accuracy"
                 row[label] = scores["accuracy"]
                 row[f"{label}_blank_frames"] = scores["blank_frames_accuracy"]
+                row[f"{label}_other_clip"] = scores.get("other_clip_accuracy")
             elif "bleu" in scores:
                 row["metric"] = "BLEU"
                 row[label] = scores["bleu"]
@@ -67,9 +68,9 @@ def answer_table(evals: dict[str, dict]) -> pd.DataFrame:
         for label, run in COLUMNS.items():
             row[label] = evals[run]["answers"]["macro"][key]
             if key == "yes_no_accuracy":
-                row[f"{label}_blank_frames"] = evals[run]["answers"]["macro"][
-                    "blank_frames_yes_no_accuracy"
-                ]
+                macro = evals[run]["answers"]["macro"]
+                row[f"{label}_blank_frames"] = macro["blank_frames_yes_no_accuracy"]
+                row[f"{label}_other_clip"] = macro.get("other_clip_yes_no_accuracy")
         rows.append(row)
     table = pd.DataFrame(rows)
     # stage-2-only minus curriculum, in the metric's own units (accuracy or BLEU points)
@@ -101,8 +102,9 @@ def render_answer_table(table: pd.DataFrame) -> str:
             if value is None or pd.isna(value):
                 cells.append("–")
             elif r["metric"] == "accuracy":
-                blank = r.get(f"{label}_blank_frames")
-                cells.append(f"{value:.1%} (blank frames {blank:.1%})")
+                blank, other = r.get(f"{label}_blank_frames"), r.get(f"{label}_other_clip")
+                other = "–" if other is None or pd.isna(other) else f"{other:.1%}"
+                cells.append(f"{value:.1%} (blank frames {blank:.1%}, other clip {other})")
             else:
                 cells.append(f"{value:.1f}")
         delta = r.get("delta")
@@ -140,7 +142,7 @@ def plot_scores(table: pd.DataFrame, path: Path, majority: float | None) -> None
     for axis, metric in zip(axes, ("accuracy", "BLEU"), strict=True):
         columns = list(COLUMNS)
         if metric == "accuracy":  # the control beside the real thing
-            columns += ["curriculum_blank_frames"]
+            columns += ["curriculum_blank_frames", "curriculum_other_clip"]
         part = table[table["metric"] == metric].set_index("group")[columns]
         part.plot.bar(ax=axis, rot=30)
         axis.set_title(f"{metric} per group" + (" (yes/no)" if metric == "accuracy" else ""))
@@ -238,7 +240,9 @@ def write_report(
           "(stage-2-only − curriculum) / curriculum: positive means the curriculum is better.",
         "## Answers per task family\n\n" + render_answer_table(answers)
         + "\n\nYes/no groups: accuracy after normalization (first yes/no word, else invalid), "
-          "with the same questions on blank frames beside it; free-form groups: sacrebleu "
+          "with the same questions on blank frames and on another clip's frames of the same "
+          "family (a seeded derangement: no clip shown its own) beside it; a model that "
+          "learned from the pixels beats both; free-form groups: sacrebleu "
           "sentence BLEU (prediction vs the one reference, default settings). Always giving "
           "the commoner answer would score "
           + (f"{majority:.1%}" if majority is not None else "an unknown share")

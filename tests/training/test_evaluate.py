@@ -11,6 +11,8 @@ from robovqa_ft.evaluate import (
     evaluate_run,
     generate_answers,
     normalize,
+    other_clip_rows,
+    score_group,
     score_predictions,
     sentence_bleu,
     val_loss,
@@ -59,21 +61,23 @@ def test_bleu_is_sacrebleus_own_sentence_bleu_with_prediction_as_hypothesis():
     )
 
 
-def prediction(group, reference, said, blank=None, answer_type="freeform"):
+def prediction(group, reference, said, blank=None, answer_type="freeform", other=None):
     return {"group": group, "answer_type": answer_type, "reference": reference,
-            "prediction": said, "blank_frames_prediction": blank}  # fmt: skip
+            "prediction": said, "blank_frames_prediction": blank,
+            "other_clip_prediction": other}  # fmt: skip
 
 
 def test_perfect_and_empty_predictions_score_at_the_extremes():
     perfect = score_predictions([
-        prediction("success", "yes", "Yes.", "no", "yes_no"),
-        prediction("success", "no", "no", "no", "yes_no"),
+        prediction("success", "yes", "Yes.", "no", "yes_no", other="no"),
+        prediction("success", "no", "no", "no", "yes_no", other=None),  # no other clip
         prediction("planning", "put the cup in the bin", "put the cup in the bin"),
     ])  # fmt: skip
     assert perfect["groups"]["success"] == {
         "n": 2, "majority_rate": 0.5, "accuracy": 1.0, "invalid_rate": 0.0,
-        "blank_frames_accuracy": 0.5,
+        "blank_frames_accuracy": 0.5, "other_clip_accuracy": 0.0, "other_clip_n": 1,
     }  # fmt: skip
+    assert perfect["macro"]["other_clip_yes_no_accuracy"] == 0.0
     assert perfect["groups"]["planning"]["bleu"] == pytest.approx(100)
     assert perfect["groups"]["planning"]["exact_match"] == 1.0
 
@@ -208,3 +212,48 @@ def test_batched_left_padded_generation_answers_like_one_at_a_time(tiny_setup, t
     batched = generate_answers(model, builder, rows, batch_size=6, **settings)
     single = [generate_answers(model, builder, [r], batch_size=1, **settings)[0] for r in rows]
     assert batched == single
+
+
+def test_the_other_clip_control_never_shows_a_clip_its_own_frames_and_keeps_the_family():
+    rows = [
+        {
+            "id": f"{clip}-{task}",
+            "video_id": clip,
+            "images": [f"{clip}/15.jpg"],
+            "task": task,
+            "answer_type": "yes_no",
+        }
+        for clip in ("a", "b", "c", "d")
+        for task in ("success", "affordance")
+    ]
+    rows.append(
+        {
+            "id": "e-success",
+            "video_id": "e",
+            "images": ["e/15.jpg"],
+            "task": "success",
+            "answer_type": "yes_no",
+        }
+    )
+    rows.append(
+        {
+            "id": "lone",
+            "video_id": "f",
+            "images": ["f/15.jpg"],
+            "task": "planning",
+            "answer_type": "yes_no",
+        }
+    )  # a group of one clip
+    swapped = other_clip_rows(rows, seed=0)
+    assert set(swapped) == {r["id"] for r in rows} - {"lone"}
+    for row in rows[:-1]:
+        other = swapped[row["id"]]
+        assert other["frames_of"] != row["video_id"]
+        assert other["images"] == [f"{other['frames_of']}/15.jpg"]
+        assert other["task"] == row["task"] and other["id"] == row["id"]
+        same_family = {r["video_id"] for r in rows if score_group(r) == score_group(row)}
+        assert other["frames_of"] in same_family
+    # a derangement: within a family each clip's frames are shown exactly once
+    success = [swapped[r["id"]]["frames_of"] for r in rows if r["task"] == "success"]
+    assert sorted(success) == ["a", "b", "c", "d", "e"]
+    assert other_clip_rows(rows, seed=0) == swapped

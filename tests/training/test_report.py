@@ -30,11 +30,13 @@ def fake_eval(loss1, loss2, accuracy, blank, bleu):
             "questions": 20, "from": "stage-1 val questions", "frames": 4, "decoding": "greedy",
             "groups": {
                 "success": {"n": 10, "accuracy": accuracy, "invalid_rate": 0.0,
-                            "blank_frames_accuracy": blank},
+                            "blank_frames_accuracy": blank, "other_clip_accuracy": blank + 0.1,
+                            "other_clip_n": 10},
                 "planning": {"n": 10, "bleu": bleu, "exact_match": 0.1},
             },
             "macro": {"yes_no_accuracy": accuracy, "blank_frames_yes_no_accuracy": blank,
-                      "bleu": bleu, "exact_match": 0.1},
+                      "other_clip_yes_no_accuracy": blank + 0.1, "bleu": bleu,
+                      "exact_match": 0.1},
         },
         "wall_seconds": 3.0,
     }  # fmt: skip
@@ -97,10 +99,11 @@ def test_report_holds_both_tables_conditions_and_plots(runs):
     text = out["report"].read_text()
     assert "| stage1_val | 2.000 / 7.4 | 2.960 / 19.3 | +48% loss |" in text
     assert (
-        "| success | accuracy | 50.0% (blank frames 50.0%) | 80.0% (blank frames 50.0%) |" in text
+        "| success | accuracy | 50.0% (blank frames 50.0%, other clip 60.0%) | "
+        "80.0% (blank frames 50.0%, other clip 60.0%) |" in text
     )
     assert "| planning | BLEU | 1.0 | 30.0 | 40.0 | 20.0 | -20.0 |" in text
-    assert "| 60.0% (blank frames 55.0%) | -30.0 pts |" in text  # success: 0.6 vs 0.9
+    assert "| 60.0% (blank frames 55.0%, other clip 65.0%) | -30.0 pts |" in text  # 0.6 vs 0.9
     assert "OpenGVLab/InternVL3-8B-hf, quantization nf4" in text and "stage1: 3 steps" in text
     assert "DEMO" not in text
     for key in ("curves", "scores"):

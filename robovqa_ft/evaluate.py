@@ -31,7 +31,7 @@ from peft import PeftModel
 from torch.utils.data import DataLoader, Dataset
 
 from robovqa_ft.files import atomic_open, write_json_atomic
-from robovqa_ft.loss import labelled_token_losses
+from robovqa_ft.loss import loss_sums
 from robovqa_ft.model import load_model, load_processor, model_family
 from robovqa_ft.samples import JsonlDataset, SampleBuilder, clip_order, pad_batch, split_counters
 
@@ -171,19 +171,12 @@ def val_loss(
     token, at training's precision; samples are built in `workers` DataLoader workers."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                         collate_fn=partial(pad_batch, pad_token_id=pad_id))  # fmt: skip
-    total, tokens, samples, skipped = 0.0, 0, 0, 0
-    device = next(model.parameters()).device
     with torch.no_grad(), training_precision(dtype):
-        for batch in loader:
-            inputs, counters = split_counters(batch)
-            samples += counters["samples"]
-            skipped += counters["skipped_samples"]  # not even their first answer fits
-            losses = labelled_token_losses(model, _on(inputs, device)).losses
-            total += float(losses.sum())
-            tokens += len(losses)
-    loss = total / tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "samples": samples, "tokens": tokens,
-            "skipped_samples": skipped, "reduction": LOSS_REDUCTION}  # fmt: skip
+        sums = loss_sums(model, loader, next(model.parameters()).device)
+    loss = sums["loss"] / sums["tokens"]
+    return {"loss": loss, "perplexity": math.exp(loss), "samples": sums["samples"],
+            "tokens": sums["tokens"], "skipped_samples": sums["skipped_samples"],
+            "reduction": LOSS_REDUCTION}  # fmt: skip
 
 
 class _Prompts(Dataset):

@@ -7,13 +7,14 @@ sums and groups them. Both go through `labelled_token_losses`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from robovqa_ft.samples import IGNORE_INDEX
+from robovqa_ft.samples import IGNORE_INDEX, split_counters
 
 
 @dataclass(frozen=True)
@@ -50,3 +51,18 @@ def labelled_token_losses(model: Any, inputs: dict[str, Any]) -> TokenLosses:
     targets = labels[rows, positions + 1]
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
     return TokenLosses(losses, rows, positions + 1)
+
+
+def loss_sums(model: Any, batches: Iterable[dict], device: Any) -> dict[str, float]:
+    """Over collated `batches`: the summed labelled-token loss, its token count, and the
+    collators' counts of samples and of samples skipped (not even one answer fits)."""
+    sums = {"loss": 0.0, "tokens": 0, "samples": 0, "skipped_samples": 0}
+    for batch in batches:
+        inputs, counters = split_counters(batch)
+        on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        losses = labelled_token_losses(model, on_device)  # a packed batch holds a flag too
+        sums["loss"] += float(losses.losses.sum())
+        sums["tokens"] += len(losses.losses)
+        sums["samples"] += counters["samples"]
+        sums["skipped_samples"] += counters["skipped_samples"]
+    return sums

@@ -33,7 +33,7 @@ from robovqa_ft.checkpoints import (
 )
 from robovqa_ft.files import atomic_directory, atomic_open, write_json_atomic
 from robovqa_ft.launch import per_rank_accumulation
-from robovqa_ft.loss import labelled_token_losses
+from robovqa_ft.loss import labelled_token_losses, loss_sums
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
 from robovqa_ft.samples import (
     JsonlDataset,
@@ -222,14 +222,10 @@ class CurriculumTrainer(Trainer):
             batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers,
         ))  # fmt: skip
-        total, tokens = 0.0, 0
         self.model.eval()
         with torch.no_grad(), self.accelerator.autocast():
-            for batch in loader:
-                inputs = self._prepare_inputs(split_counters(batch)[0])
-                losses = labelled_token_losses(self.model, inputs).losses
-                total, tokens = total + float(losses.sum()), tokens + len(losses)
-        total, tokens = ranks.summed([total, tokens])
+            sums = loss_sums(self.model, loader, self.args.device)
+        total, tokens = ranks.summed([sums["loss"], sums["tokens"]])
         metrics = {f"{metric_key_prefix}_loss": total / tokens,
                    f"{metric_key_prefix}_tokens": int(tokens)}  # fmt: skip
         self.log(metrics)

@@ -369,6 +369,10 @@ def test_the_periodic_val_loss_is_token_level_like_eval_json(tiny_setup, tmp_pat
                                 data_collator=collator("longest", pad))  # fmt: skip
     trainer.metrics = MetricsLog(tmp_path, 0, len(val))
     periodic = trainer.evaluate()
+    trainer.data_collator = collator("packed", pad)  # packing changes no token's loss
+    packed = trainer.evaluate()
+    assert packed["eval_tokens"] == periodic["eval_tokens"]
+    assert packed["eval_loss"] == pytest.approx(periodic["eval_loss"], rel=1e-5)
 
     final = val_loss(model, val, batch_size=3, pad_id=pad, workers=0, dtype="float32")
     assert periodic["eval_tokens"] == final["tokens"]

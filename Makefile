@@ -22,7 +22,10 @@ demo: $(STAMP)
 	@cat demo/results/ablation/report.md
 	@echo
 	@echo "Demo results in demo/results/: data/ (frames, JSONL, metadata.json); stage1/, stage2/,"
-	@echo "  stage2_only/ (adapter/, metrics, eval.json, predictions.jsonl); base/; ablation/ (report)"
+	@echo "  stage2_only/ (adapter/, metrics, eval.json, predictions.jsonl, val_losses.jsonl);"
+	@echo "  base/; ablation/ (report)"
+	@echo
+	$(BIN)/python -m robovqa_ft.readme_figures README.md demo/results/ablation/report.md
 
 # TensorFlow and torch must not share a process: one pytest run each.
 test: $(STAMP)
@@ -47,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/dataloader.py
 	$(BIN)/python benchmarks/train_step.py --tiny
 	$(BIN)/python benchmarks/flops.py
+	$(BIN)/python benchmarks/eval_cost.py
 
 # The full-size training step: needs a GPU (and 16 GB of disk for the random weights).
 bench-gpu: $(STAMP)

@@ -69,6 +69,16 @@ def paired_bootstrap(
     return Interval(float(delta), float(low), float(high), len(a), len(sums))
 
 
+def bootstrap_mean(
+    values: Sequence[float], clips: Sequence[Hashable], resamples: int = 10_000, seed: int = 0
+) -> Interval:
+    """One run's mean score and its percentile interval over draws of the clips: the
+    Interval's `delta` is the mean (its difference from zero)."""
+    if len(values) != len(clips):
+        raise ValueError("values and clips must have one entry per question")
+    return paired_bootstrap([0.0] * len(values), values, clips, resamples=resamples, seed=seed)
+
+
 def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> float:
     """Two-sided exact McNemar p-value: under no difference, each question one run gets
     right and the other wrong is a fair coin."""

@@ -3,7 +3,8 @@
 One sample is built in `SampleBuilder.encode` (in DataLoader workers); the collator only
 pads and stacks (`pad_batch`) or lays the micro-batch end to end in one row (`pack_batch`).
 Loss falls on assistant tokens only; truncation drops whole trailing turns and never cuts
-into image tokens, which all sit in the first human turn.
+into image tokens, which all sit in the first human turn. A generation prompt
+(`encode_prompt`) drops whole leading turns instead: the oldest history goes first.
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ def chat_messages(row: dict, frame_content: list[dict]) -> list[dict]:
     return messages
 
 
+def prompt_row(row: dict, turn: int, history: int) -> dict:
+    """`row` cut to a generation prompt: the `history` question/answer pairs just before its
+    `turn`-th question (0-based), then that question, whose answer is left to generate."""
+    if not 0 <= history <= turn < len(row["conversations"]) // 2:
+        raise ValueError(
+            f"row {row['id']}: no question {turn} with {history} pairs before it "
+            f"in {len(row['conversations']) // 2} pairs"
+        )
+    return {**row, "conversations": row["conversations"][2 * (turn - history) : 2 * turn + 1]}
+
+
 def assistant_spans(input_ids: list[int], header: list[int], end: int) -> list[tuple[int, int]]:
     """[start, stop) of each assistant answer: after its header, through its end token."""
     spans, i, n = [], 0, len(header)
@@ -86,7 +98,7 @@ class SampleBuilder:
         tokenizer = processor.tokenizer
         self.header = tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
         self.end = tokenizer.convert_tokens_to_ids(TURN_END)
-        self._tokens_per_frame: int | None = None  # learnt by `token_lengths`
+        self._tokens_per_frame: int | None = None  # learnt by `_frame_tokens`
 
     def frames(self, row: dict) -> list[Image.Image]:
         images = []
@@ -104,7 +116,7 @@ class SampleBuilder:
         whose tokens do not show one assistant header per answer is an error, not a
         sample trained with answers unlabelled.
         """
-        inputs = self._inputs(row, turns=None)
+        inputs = self._inputs(row)
         ids = inputs["input_ids"][0].tolist()
         spans = assistant_spans(ids, self.header, self.end)
         answers = sum(turn["from"] != "human" for turn in row["conversations"])
@@ -129,45 +141,78 @@ class SampleBuilder:
         sample["dropped_turns"] = len(spans) - len(fitting)
         return sample
 
-    def encode_prompt(self, row: dict) -> dict[str, Any]:
-        """Model inputs that ask the row's first question and leave the answer to generate."""
-        inputs = self._inputs(row, turns=0)
+    def encode_prompt(self, row: dict, turn: int = 0, budget: int | None = None) -> dict[str, Any]:
+        """Model inputs that ask the row's `turn`-th question (0-based) after the pairs before
+        it, with their reference answers, and leave its answer to generate.
+
+        The oldest pairs are dropped, counted in `dropped_turns`, until the prompt fits
+        `budget` tokens (default `max_seq_len`; see `history_that_fits`). The question is
+        never cut: a budget too small for it alone gets it alone, over budget.
+        """
+        history = self.history_that_fits(row, turn, budget)
+        inputs = self._inputs(prompt_row(row, turn, history))
         shape = inputs["input_ids"].shape
         return {k: v[0] if v.shape == shape else v for k, v in inputs.items()} | {
-            "dropped_turns": 0
+            "dropped_turns": turn - history
         }
+
+    def history_that_fits(self, row: dict, turn: int, budget: int | None = None) -> int:
+        """How many of the pairs before the `turn`-th question `encode_prompt` keeps: the
+        most recent ones that fit `budget` tokens (default `max_seq_len`) with the question
+        and the frames, which open the first kept turn. From the text alone, as
+        `token_lengths`: no frame is decoded once `_frame_tokens` has learnt its count.
+        """
+        prompt_row(row, turn, 0)  # a question the row lacks is an error, not 0 pairs
+        budget = self.max_seq_len if budget is None else budget
+        frames = self._frame_count(row)
+        for history in range(turn, 0, -1):
+            text = self._text(prompt_row(row, turn, history), frames)
+            ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) + frames * self._frame_tokens(row) <= budget:
+                return history
+        return 0
 
     def token_lengths(self, rows: list[dict]) -> list[int]:
         """Each row's encoded length (as `encode` gives it, capped at `max_seq_len`), from
         its text alone: every frame adds the same number of tokens to its placeholder,
-        learnt once by encoding `rows[0]` with its frames. No other frame is decoded.
+        learnt once (`_frame_tokens`, from `rows[0]` if still unknown). No other frame is
+        decoded.
         """
-        frames = [len(frame_indices(len(row["images"]), self.max_frames)) for row in rows]
+        frames = [self._frame_count(row) for row in rows]
         texts = [self._text(row, n) for row, n in zip(rows, frames, strict=True)]
         token_ids = self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        if self._tokens_per_frame is None:
-            full = self._inputs(rows[0], turns=None)["input_ids"].shape[1]
-            self._tokens_per_frame = (full - len(token_ids[0])) // frames[0]
+        per_frame = self._frame_tokens(rows[0])
         lengths = []
         for ids, n in zip(token_ids, frames, strict=True):
             through_last_answer = len(ids) - ids[::-1].index(self.end)  # as `encode` cuts
-            lengths.append(min(through_last_answer + n * self._tokens_per_frame, self.max_seq_len))
+            lengths.append(min(through_last_answer + n * per_frame, self.max_seq_len))
         return lengths
 
-    def _text(self, row: dict, frames: int, turns: int | None = None) -> str:
-        """The chat text, one placeholder per frame (the processor expands each)."""
+    def _frame_count(self, row: dict) -> int:
+        return len(frame_indices(len(row["images"]), self.max_frames))
+
+    def _frame_tokens(self, row: dict) -> int:
+        """The tokens each frame adds to its placeholder: the same for every frame (all
+        are one size), learnt once by encoding `row` with its frames."""
+        if self._tokens_per_frame is None:
+            frames = self._frame_count(row)
+            text = self.processor.tokenizer(self._text(row, frames), add_special_tokens=False)
+            full = self._inputs(row)["input_ids"].shape[1]
+            self._tokens_per_frame = (full - len(text["input_ids"])) // frames
+        return self._tokens_per_frame
+
+    def _text(self, row: dict, frames: int) -> str:
+        """The chat text, one placeholder per frame (the processor expands each); a
+        conversation that ends on a question (`prompt_row`) ends on the assistant header."""
         messages = chat_messages(row, self.family.frame_content(frames))
-        if turns == 0:
-            messages = messages[:1]
         return self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=turns == 0
+            messages, tokenize=False, add_generation_prompt=messages[-1]["role"] == "user"
         )
 
-    def _inputs(self, row: dict, turns: int | None) -> dict[str, torch.Tensor]:
-        """Processor output for the whole conversation, or (turns=0) its first question
-        followed by the assistant header."""
+    def _inputs(self, row: dict) -> dict[str, torch.Tensor]:
+        """Processor output for the row's conversation, with its frames."""
         frames = self.frames(row)
-        text = self._text(row, len(frames), turns)
+        text = self._text(row, len(frames))
         return self.processor(
             text=[text], images=[frames], return_tensors="pt", **self.family.processor_kwargs
         )

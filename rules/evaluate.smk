@@ -7,6 +7,7 @@ rule evaluate:
     output:
         eval="results/{run}/eval.json",
         predictions="results/{run}/predictions.jsonl",
+        losses="results/{run}/val_losses.jsonl",
     log:
         "logs/evaluate/{run}.log",
     benchmark:
@@ -30,7 +31,12 @@ rule evaluate:
 rule ablation_report:
     input:
         evals=expand("results/{run}/eval.json", run=EVAL_RUNS),
+        predictions=expand("results/{run}/predictions.jsonl", run=EVAL_RUNS),
+        losses=expand("results/{run}/val_losses.jsonl", run=EVAL_RUNS),
         metadata="results/data/metadata.json",
+        # other training seeds' evaluations, each in a --directory of its own
+        pooled=expand("{directory}/results/{run}/eval.json",
+                      directory=config["report"]["pool"], run=EVAL_RUNS),
     output:
         report="results/ablation/report.md",
         table="results/ablation/table.csv",
@@ -44,5 +50,6 @@ rule ablation_report:
         settings=report_settings(),
         runs=EVAL_RUNS,
         timings={run: f"benchmarks/train/{run}.tsv" for run in RUNS},
+        pool=config["report"]["pool"],
     script:
         "../workflow_scripts/ablation_report.py"

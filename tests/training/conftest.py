@@ -49,6 +49,8 @@ def tiny_setup(tmp_path_factory) -> dict:
                 stage1.append({**row, "task": task, "answer_type": answer_type,
                                "conversations": pair})  # fmt: skip
             stage2.append({"id": vid, "video_id": vid, "images": images, "task": "multi",
+                           "tasks": [task for task, _ in kinds],
+                           "answer_types": [kind for _, kind in kinds],
                            "conversations": sum(turns, [])})  # fmt: skip
         for stage, rows in (("stage1", stage1), ("stage2", stage2)):
             path = root / stage / f"{split}.jsonl"

@@ -199,3 +199,17 @@ def test_flops_benchmark_counts_every_group_and_the_recompute_beside_the_formula
         else:  # the language model's forward, once more
             assert close(recompute, forward) and f["recompute"] > recompute
     assert steps["stage2", "gc off"]["executed"] > steps["stage1", "gc off"]["executed"]
+
+
+def test_eval_cost_counts_both_formats_answers_and_controls_of_every_run():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "eval_cost.py"), "--answers-per-family", "10"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    # 6 score groups answered, the 2 yes/no ones also on blank and other-clip frames
+    assert lines[0].startswith("per run and format: 60 answers + 40 control = 100 generations")
+    assert [line.split()[0] for line in lines[1:3]] == ["stage1", "stage2"]
+    seconds = [float(m) for m in re.findall(r"([\d.]+) s\b", result.stdout)]
+    assert len(seconds) == 5 and all(s > 0 for s in seconds)
+    assert re.search(r"4 runs: [\d.]+ GPU-hours \(counted", lines[-1])

@@ -5,6 +5,7 @@ import pytest
 
 from robovqa_ft.confidence import (
     Interval,
+    bootstrap_mean,
     mcnemar_exact,
     paired_bootstrap,
     questions_for_half_width,
@@ -28,6 +29,18 @@ def test_bootstrap_over_two_clips_gives_the_exact_percentiles():
     result = paired_bootstrap(a=[0, 0, 1, 1], b=[1, 1, 1, 1], clips=["x", "x", "y", "y"])
     assert result == Interval(delta=0.5, low=0.0, high=1.0, questions=4, clips=2)
     assert result.spans_zero and result.half_width == 0.5
+
+
+def test_a_single_runs_mean_interval_enumerates_over_two_clips():
+    # Clip x: one question scored 1; clip y: three scored 0. Mean 1/4. Resamples: {x,x}
+    # (p 1/4, mean 1), {x,y} (1/2, 1/4), {y,y} (1/4, 0): percentiles 0 and 1.
+    result = bootstrap_mean([1, 0, 0, 0], ["x", "y", "y", "y"])
+    assert result == Interval(delta=0.25, low=0.0, high=1.0, questions=4, clips=2)
+    # Every clip with the same mean: no resample can move it.
+    same = bootstrap_mean([0, 1, 1, 0, 0.5, 0.5], ["p", "p", "q", "q", "r", "r"], seed=7)
+    assert (same.delta, same.low, same.high, same.clips) == (0.5, 0.5, 0.5, 3)
+    with pytest.raises(ValueError, match="one entry per question"):
+        bootstrap_mean([1, 0], ["x"])
 
 
 def test_bootstrap_resamples_whole_clips_and_weights_tokens():

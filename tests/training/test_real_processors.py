@@ -241,6 +241,14 @@ def frame_token_counts(real: Real, ids: torch.Tensor) -> list[int]:
     return counts
 
 
+def assert_frames_open_the_first_question(real: Real, ids: torch.Tensor) -> None:
+    """Every image token sits in the first user turn (after the system turn, if any)."""
+    image = (ids == real.expected.image_token_id).nonzero().flatten()
+    turn_ends = (ids == IM_END_ID).nonzero().flatten()
+    assert (turn_ends < image.min()).sum() == (1 if real.expected.system_prompt else 0)
+    assert image.max() < turn_ends[turn_ends > image.min()].min()
+
+
 def per_token(sample: dict) -> list[str]:
     """The keys cut with the token sequence (ids, mask, Qwen's mm_token_type_ids ...)."""
     length = len(sample["input_ids"])
@@ -307,12 +315,7 @@ def test_every_frame_has_all_its_image_tokens(real, images, stage):
     else:
         merge = real.processor.image_processor.merge_size
         assert counts == (sample["image_grid_thw"].prod(dim=1) // merge**2).tolist()
-    # All frames sit in the first question (after the system turn, if any).
-    ids = sample["input_ids"]
-    image = (ids == real.expected.image_token_id).nonzero().flatten()
-    turn_ends = (ids == IM_END_ID).nonzero().flatten()
-    assert (turn_ends < image.min()).sum() == (1 if real.expected.system_prompt else 0)
-    assert image.max() < turn_ends[turn_ends > image.min()].min()
+    assert_frames_open_the_first_question(real, sample["input_ids"])
 
 
 # --- truncation ----------------------------------------------------------------------------
@@ -362,6 +365,70 @@ def test_generation_prompt_is_the_training_sample_through_the_first_assistant_he
             assert torch.equal(prompt[key], sample[key][:first]), key
         for key in prompt.keys() - per_token(prompt) - {"dropped_turns"}:  # pixels, grids
             assert torch.equal(prompt[key], sample[key]), key
+
+
+def test_prompt_for_each_turn_is_the_earlier_pairs_then_its_question_and_the_header(real, images):
+    r = ROWS["stage2"][0]
+    full = full_sample(real, images, "stage2", r)
+    starts = answer_starts(full["input_ids"])
+    b = builder(real, images, "stage2")
+    for turn, (question, _) in enumerate(PAIRS):
+        prompt = b.encode_prompt(r, turn=turn)
+        # The training sample cut just after the header of this turn's answer.
+        for key in per_token(prompt):
+            assert torch.equal(prompt[key], full[key][: starts[turn]]), (turn, key)
+        for key in prompt.keys() - per_token(prompt) - {"dropped_turns"}:  # pixels, grids
+            assert torch.equal(prompt[key], full[key]), (turn, key)
+        assert prompt["dropped_turns"] == 0
+        text = real.tokenizer.decode(prompt["input_ids"])
+        assert text.endswith(f"{question}<|im_end|>\n{ASSISTANT_HEADER}")
+        assert text.count("<|im_start|>user\n") == turn + 1
+        assert text.count(ASSISTANT_HEADER) == turn + 1
+        at = 0
+        for earlier in (x for pair in PAIRS[:turn] for x in pair):  # in order
+            at = text.index(earlier, at) + len(earlier)
+        assert text.index(question, at) == len(text) - len(f"{question}<|im_end|>\n") - len(
+            ASSISTANT_HEADER
+        )
+        assert not any(later in text for later, _ in PAIRS[turn + 1 :])
+
+
+def history_alone(real: Real, images: Path, turn: int, history: int) -> dict:
+    """The prompt for PAIRS' `turn`-th question of a row that never had the pairs before
+    its last `history`: what dropping them must give."""
+    r = jsonl_row("clip", PAIRS[turn - history : turn + 1])
+    return builder(real, images, "stage2").encode_prompt(r, turn=history)
+
+
+def test_history_that_fits_predicts_the_encoded_prompt_length_exactly(real, images):
+    r, turn = ROWS["stage2"][0], len(PAIRS) - 1
+    expected = [history_alone(real, images, turn, history) for history in range(turn + 1)]
+    lengths = [len(prompt["input_ids"]) for prompt in expected]
+    assert lengths == sorted(set(lengths))
+    image_token = real.tokenizer.convert_ids_to_tokens(real.expected.image_token_id)
+    for history, length in enumerate(lengths):
+        # a fresh builder each time: it learns a frame's tokens from this row itself
+        b = builder(real, images, "stage2", max_seq_len=length)
+        assert b.history_that_fits(r, turn) == history
+        if history:
+            assert b.history_that_fits(r, turn, length - 1) == history - 1
+        prompt = b.encode_prompt(r, turn=turn)
+        ids = prompt["input_ids"]
+        assert len(ids) == length
+        assert torch.equal(ids, expected[history]["input_ids"])
+        assert prompt["dropped_turns"] == turn - history
+        # All the frames, in the first question kept.
+        assert frame_token_counts(real, ids) == [real.expected.tokens_per_frame] * FRAMES["stage2"]
+        assert_frames_open_the_first_question(real, ids)
+        text = real.tokenizer.decode(ids)
+        first = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        assert first.endswith(PAIRS[turn - history][0])
+        assert first.count(image_token) == real.expected.tokens_per_frame * FRAMES["stage2"]
+        assert text.count("<|im_start|>user\n") == history + 1
+    # Not even the question alone fits: it comes whole, over budget.
+    alone = builder(real, images, "stage2").encode_prompt(r, turn=turn, budget=lengths[0] - 1)
+    assert torch.equal(alone["input_ids"], expected[0]["input_ids"])
+    assert alone["dropped_turns"] == turn
 
 
 def test_system_prompt_is_the_templates_own_default_in_training_and_generation(real, images):

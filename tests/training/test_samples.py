@@ -183,6 +183,16 @@ def positions(ids: torch.Tensor, token_id: int) -> list[int]:
     return (ids == token_id).nonzero().flatten().tolist()
 
 
+def chat_turns(text: str) -> list[tuple[str, str, bool]]:
+    """(role, text, holds frames) of each turn of a decoded tiny-InternVL prompt; the
+    text without the frames that open it."""
+    turns = []
+    for piece in text.split("<|im_start|>")[1:]:
+        role, content = piece.removesuffix("<|im_end|>\n").split("\n", 1)
+        turns.append((role, content.rpartition("</img>\n")[2], "<img>" in content))
+    return turns
+
+
 # --- frame_indices ---
 
 
@@ -313,6 +323,119 @@ def test_blank_frames_change_pixels_but_not_tokens(data, internvl):
     # Every blank frame is the same (black) picture.
     tiles = blank["pixel_values"]
     assert torch.equal(tiles, tiles[:1].expand_as(tiles))
+
+
+# --- generation prompts ---
+
+
+@pytest.mark.parametrize("turn", range(4))
+def test_prompt_for_turn_k_is_the_earlier_pairs_then_its_question_and_the_header(
+    data, internvl, turn
+):
+    row, pairs = data["stage2"][0], STAGE2_PAIRS["clip-a"]
+    builder = internvl_builder(data, internvl)
+    prompt = builder.encode_prompt(row, turn=turn)
+    text = internvl["processor"].tokenizer.decode(prompt["input_ids"])
+    history = [t for q, a in pairs[:turn] for t in (("user", q, False), ("assistant", a, False))]
+    expected = [*history, ("user", pairs[turn][0], False), ("assistant", "", False)]
+    expected[0] = (*expected[0][:2], True)  # the frames open the first question
+    assert chat_turns(text) == expected
+    assert text.endswith(f"{pairs[turn][0]}<|im_end|>\n<|im_start|>assistant\n")
+    assert not any(question in text for question, _ in pairs[turn + 1 :])
+    # The training sample cut just after the header of this turn's answer.
+    full = builder.encode(row)
+    start = labelled_runs(full["labels"])[turn][0]
+    assert torch.equal(prompt["input_ids"], full["input_ids"][:start])
+    assert torch.equal(prompt["attention_mask"], full["attention_mask"][:start])
+    assert torch.equal(prompt["pixel_values"], full["pixel_values"])
+    assert prompt["dropped_turns"] == 0
+
+
+def test_first_question_prompt_is_unchanged_by_turn_and_budget_arguments(data, internvl):
+    builder = internvl_builder(data, internvl)
+    for row in data["stage1"] + data["stage2"]:
+        full = builder.encode(row)
+        start = labelled_runs(full["labels"])[0][0]
+        for prompt in (
+            builder.encode_prompt(row),
+            builder.encode_prompt(row, turn=0),
+            builder.encode_prompt(row, turn=0, budget=1),  # no history to drop
+        ):
+            assert prompt.keys() == {"input_ids", "attention_mask", "pixel_values", "dropped_turns"}
+            assert torch.equal(prompt["input_ids"], full["input_ids"][:start])
+            assert torch.equal(prompt["pixel_values"], full["pixel_values"])
+            assert prompt["dropped_turns"] == 0
+
+
+def clip_a_prompt(builder: SampleBuilder, turn: int, history: int) -> dict:
+    """The prompt for clip-a's `turn`-th question of a row that never had the pairs before
+    its last `history`: what dropping them must give."""
+    pairs = STAGE2_PAIRS["clip-a"][turn - history : turn + 1]
+    return builder.encode_prompt(stage2_row("clip-a", pairs), turn=history)
+
+
+@pytest.mark.parametrize("kept", [0, 1, 2])
+def test_prompt_over_budget_drops_the_oldest_pairs_and_opens_with_the_frames(data, internvl, kept):
+    row, pairs, turn = data["stage2"][0], STAGE2_PAIRS["clip-a"], 3
+    builder = internvl_builder(data, internvl)
+    fits, too_long = clip_a_prompt(builder, turn, kept), clip_a_prompt(builder, turn, kept + 1)
+    budget = len(too_long["input_ids"]) - 1
+    assert builder.history_that_fits(row, turn, budget) == kept
+    assert builder.history_that_fits(row, turn, len(fits["input_ids"])) == kept
+    prompt = builder.encode_prompt(row, turn=turn, budget=budget)
+    ids = prompt["input_ids"]
+    assert len(ids) <= budget
+    assert torch.equal(ids, fits["input_ids"])  # the newest `kept` pairs, then the question
+    assert torch.equal(prompt["pixel_values"], fits["pixel_values"])
+    assert prompt["dropped_turns"] == turn - kept
+    turns = chat_turns(internvl["processor"].tokenizer.decode(ids))
+    assert turns[0] == ("user", pairs[turn - kept][0], True)
+    assert [holds_frames for *_, holds_frames in turns[1:]] == [False] * (len(turns) - 1)
+    assert len(positions(ids, internvl["context"])) == 4 * TOKENS_PER_FRAME
+    batch = pad_batch([prompt, builder.encode_prompt(row, turn=turn)], 0, side="left")
+    assert batch["dropped_turns"].item() == turn - kept
+
+
+def test_prompt_keeps_the_whole_question_when_it_alone_exceeds_the_budget(data, internvl):
+    row, turn = data["stage2"][0], 3
+    builder = internvl_builder(data, internvl)
+    alone = clip_a_prompt(builder, turn, 0)
+    for budget in (1, len(alone["input_ids"]) - 1):
+        assert builder.history_that_fits(row, turn, budget) == 0
+        prompt = builder.encode_prompt(row, turn=turn, budget=budget)
+        assert torch.equal(prompt["input_ids"], alone["input_ids"])
+        assert prompt["dropped_turns"] == turn
+    # the same from max_seq_len, the default budget
+    short = internvl_builder(data, internvl, max_seq_len=len(alone["input_ids"]) - 1)
+    assert torch.equal(short.encode_prompt(row, turn=turn)["input_ids"], alone["input_ids"])
+
+
+def test_history_that_fits_decodes_no_frame_once_a_frames_tokens_are_known(
+    data, internvl, monkeypatch
+):
+    row, turn, budgets = data["stage2"][0], 3, range(40, 240, 5)
+    learnt_here = internvl_builder(data, internvl)
+    kept = [learnt_here.history_that_fits(row, turn, b) for b in budgets]  # learns from `row`
+    learnt_by_lengths = internvl_builder(data, internvl)
+    learnt_by_lengths.token_lengths(data["stage1"])
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a frame was opened")
+
+    monkeypatch.setattr("robovqa_ft.samples.Image.open", no_decoding)
+    assert [learnt_here.history_that_fits(row, turn, b) for b in budgets] == kept
+    assert [learnt_by_lengths.history_that_fits(row, turn, b) for b in budgets] == kept
+    assert sorted(set(kept)) == [0, 1, 2, 3]
+    assert kept == sorted(kept)
+
+
+def test_prompt_for_a_question_the_row_lacks_is_an_error(data, internvl):
+    builder = internvl_builder(data, internvl)
+    for row, turn in ((data["stage2"][0], 4), (data["stage1"][0], 1), (data["stage1"][0], -1)):
+        with pytest.raises(ValueError, match=f"row {row['id']}: no question {turn}"):
+            builder.encode_prompt(row, turn=turn)
+        with pytest.raises(ValueError):
+            builder.history_that_fits(row, turn)
 
 
 # --- pad_batch ---

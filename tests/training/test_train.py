@@ -22,7 +22,8 @@ from robovqa_ft.checkpoints import (
     latest_complete_checkpoint,
     prepare_checkpoint_dir,
 )
-from robovqa_ft.evaluate import val_loss
+from robovqa_ft.evaluate import loss_summary, sample_losses
+from robovqa_ft.journal import Journal
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
 from robovqa_ft.samples import JsonlDataset, SampleBuilder, collator, split_counters
 from robovqa_ft.train import CurriculumTrainer, MetricsLog, train_run, training_arguments
@@ -374,7 +375,9 @@ def test_the_periodic_val_loss_is_token_level_like_eval_json(tiny_setup, tmp_pat
     assert packed["eval_tokens"] == periodic["eval_tokens"]
     assert packed["eval_loss"] == pytest.approx(periodic["eval_loss"], rel=1e-5)
 
-    final = val_loss(model, val, batch_size=3, pad_id=pad, workers=0, dtype="float32")
+    journal = Journal(tmp_path / "progress.jsonl", "fingerprint")
+    records = sample_losses(model, val, "stage1_val", 3, pad, 0, "float32", journal)
+    final = loss_summary(records)
     assert periodic["eval_tokens"] == final["tokens"]
     assert periodic["eval_loss"] == pytest.approx(final["loss"], rel=1e-6)
     # what the Trainer's own evaluation would report: a mean of batch means, here not

@@ -1,0 +1,74 @@
+"""An append-only record of finished work, so that an interrupted job resumes after the
+last batch it completed instead of from zero.
+
+One JSON line per record, written and flushed to disk batch by batch. The first line
+names what the records were computed for (a fingerprint of the model, adapter, data and
+settings); a journal of anything else is started anew, never mixed in. A line cut short
+by a kill is dropped on reading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Hashable, Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class Journal:
+    """Records by key (`record["key"]`, a list), read back from `path` if it was written
+    for `fingerprint`."""
+
+    def __init__(self, path: Path | str, fingerprint: str):
+        self.path, self.fingerprint = Path(path), fingerprint
+        self.records: dict[Hashable, dict] = {}
+        if self.path.exists():
+            self._read()
+        self.resumed = len(self.records)
+        if self.resumed:
+            log.info("resuming: %d records of an earlier attempt in %s", self.resumed, self.path)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+
+    def _read(self) -> None:
+        lines = self.path.read_bytes().split(b"\n")
+        # the last element is the text after the final newline: empty, or a cut-short line
+        complete, tail = lines[:-1], lines[-1]
+        try:
+            header = json.loads(complete[0]) if complete else {}
+        except json.JSONDecodeError:
+            header = {}
+        if header.get("fingerprint") != self.fingerprint:
+            if complete:
+                log.info("%s was written for other inputs or settings: starting anew", self.path)
+            return
+        for line in complete[1:]:
+            record = json.loads(line)
+            self.records[self.key(record)] = record
+        if tail:  # a write cut short: drop it, so the next append starts on a new line
+            with self.path.open("r+b") as handle:
+                handle.truncate(len(self.path.read_bytes()) - len(tail))
+
+    @staticmethod
+    def key(record: dict) -> Hashable:
+        return tuple(record["key"])
+
+    def __contains__(self, key: Iterable) -> bool:
+        return tuple(key) in self.records
+
+    def append(self, records: list[dict]) -> None:
+        """Add one batch of records, on disk before this returns."""
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            handle.flush()
+            os.fsync(handle.fileno())
+        for record in records:
+            self.records[self.key(record)] = record
+
+    def remove(self) -> None:
+        """Once the job's own outputs hold everything."""
+        self.path.unlink(missing_ok=True)

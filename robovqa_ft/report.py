@@ -122,12 +122,12 @@ def headline(deltas: pd.DataFrame, evals: dict[str, dict], seed: int) -> str:
     summary = rows["group"].isin(["macro", *SET_FORMAT])
     table = markdown(
         "metric | format | trained on | curriculum | stage-2-only | "
-        "Δ (stage-2-only − curriculum) [95%] | McNemar p | rests on | ",
+        "Δ (stage-2-only − curriculum) [95%] | McNemar p | rests on | noise?",
         [[_metric(r), r.format, trained_on(evals, r.format), format_value(r.metric, r.a_value),
           format_value(r.metric, r.b_value), *_cells(r)] for _, r in rows[summary].iterrows()],
     )  # fmt: skip
     groups = markdown(
-        "group | format | metric | Δ [95%] | McNemar p | rests on | ",
+        "group | format | metric | Δ [95%] | McNemar p | rests on | noise?",
         [[r.group, r.format, NAMES[r.metric], *_cells(r)] for _, r in rows[~summary].iterrows()],
     )
     reduction = evals[HEADLINE[0]]["loss"]["stage1_val"]["reduction"]
@@ -165,7 +165,7 @@ def versus_base(deltas: pd.DataFrame, evals: dict[str, dict]) -> str:
             values = [format_value(r.metric, v) for v in (r.b_value, r.a_value)]
             rows.append([LABELS[run], _metric(r), r.format, trained, *values, *_cells(r)])
     header = "run | metric | format | run trained on it | run's | base | Δ (run − base) [95%] | "
-    table = markdown(header + "McNemar p | rests on | ", rows)
+    table = markdown(header + "McNemar p | rests on | noise?", rows)
     return table + "\n\nPositive Δ: the run scores higher than base (for loss: is worse)."
 
 

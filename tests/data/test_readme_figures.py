@@ -23,3 +23,13 @@ def test_lines_of_the_report_pass_and_a_changed_figure_is_named(tmp_path):
 def test_a_readme_without_the_block_is_an_error():
     with pytest.raises(ValueError, match="no demo-figure block"):
         stale_lines("just text", REPORT)
+
+
+def test_the_readme_quotes_the_demo_report_in_a_checked_block():
+    from pathlib import Path
+
+    from robovqa_ft.readme_figures import quoted_lines
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    lines = quoted_lines(readme)
+    assert len(lines) >= 8 and any("yes/no accuracy (macro)" in line for line in lines)

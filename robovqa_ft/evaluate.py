@@ -1,11 +1,16 @@
-"""Evaluate one run (or the untrained base model): val loss and perplexity on both stages'
-val sets, and answers to a fixed, family-stratified sample of val questions.
+"""Evaluate one run (or the untrained base model): per-sample val losses on both stages'
+val sets (with each answer's family and kind), and answers to a fixed sample of val
+questions, taken clip by clip and stratified by score group.
 
-Never trains and never touches a checkpoint. Scores: yes/no questions by accuracy after
-normalization (with the invalid rate, and the same accuracy with blank frames, which a
-model that looks at the pixels must beat); free-form answers by sacrebleu's sentence BLEU
-(prediction as hypothesis, reference as the one reference, default settings) and exact
-match after normalization.
+Each question is asked in both answer formats (stage 1's: its frames and the question;
+stage 2's: its frames and the clip's earlier questions with their reference answers,
+then the question), and every yes/no question also on blank frames and on another clip's
+frames of its group: the controls a model that looks at the pixels must beat. Scores:
+yes/no by accuracy after normalization (with the invalid rate); free form by sacrebleu's
+sentence BLEU (prediction as hypothesis, reference as the one reference, default
+settings) and exact match after normalization. Never trains and never touches a
+checkpoint; finished batches go to a journal (`robovqa_ft.journal`), so a killed
+evaluation resumes after its last one. The fields: docs/eval_json.md.
 """
 
 from __future__ import annotations
@@ -321,7 +326,7 @@ def sample_losses(
             records = [_loss_record(val_set, about, []) | {"skipped": True} for about in skipped]
             if batch is not None:
                 inputs = _on(split_counters(batch)[0], device)
-                turns = turn_sums(labelled_token_losses(model, inputs), inputs["labels"].cpu())
+                turns = turn_sums(labelled_token_losses(model, inputs), inputs["labels"])
                 records += [_loss_record(val_set, about, sums)
                             for about, sums in zip(abouts, turns, strict=True)]  # fmt: skip
             journal.append(records)
@@ -406,9 +411,9 @@ def evaluate_run(
     started = time.monotonic()
     outputs = {k: Path(v) for k, v in outputs.items()}
     torch.manual_seed(evaluation["seed"])
-    settings = {"model": model, "stages": stages, "evaluation": evaluation}
     inputs = [p for p in (adapter_dir, *val_jsonl.values()) if p is not None]
-    journal = Journal(outputs["eval"].with_name(PROGRESS_FILE), fingerprint(settings, inputs))
+    journal = Journal(outputs["eval"].with_name(PROGRESS_FILE),
+                      journal_fingerprint(model, stages, evaluation, inputs))  # fmt: skip
     processor = load_processor(model["name"])
     family = model_family(model["name"])
     net = load_model(model["name"], model["quantization"], model["dtype"],
@@ -481,6 +486,23 @@ def evaluate_run(
     write_json_atomic(outputs["eval"], result)
     journal.remove()
     return result
+
+
+def journal_fingerprint(model: dict, stages: dict, evaluation: dict, inputs: list) -> str:
+    """What a journal's records were computed with: every setting that could change a
+    number (batch sizes and the attention kernel included: batches must come out as an
+    uninterrupted run makes them), the adapter and val files, and this package's code."""
+    code = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(source.read_bytes())
+    exact = {
+        "model": model,
+        "stages": stages,
+        "code": code.hexdigest(),
+        "evaluation": {k: v for k, v in evaluation.items() if k != "dataloader_workers"},
+    }
+    # section names BOOKKEEPING does not know: fingerprint() keeps every key
+    return fingerprint({"journal": exact}, inputs)
 
 
 def _prediction(ask: dict, said: str, asker: SampleBuilder, budget: int) -> dict:

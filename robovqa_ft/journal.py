@@ -1,10 +1,12 @@
 """An append-only record of finished work, so that an interrupted job resumes after the
 last batch it completed instead of from zero.
 
-One JSON line per record, written and flushed to disk batch by batch. The first line
-names what the records were computed for (a fingerprint of the model, adapter, data and
-settings); a journal of anything else is started anew, never mixed in. A line cut short
-by a kill is dropped on reading.
+One JSON line per batch of records, flushed to disk before the next batch starts: a
+batch is on disk whole or (a line cut short by a kill, dropped on reading) not at all, so
+a rerun resumes on a batch boundary and makes the same batches as a run that never
+stopped. The first line names what the records were computed for (a fingerprint of the
+model, adapter, data, settings and code); a journal of anything else is started anew,
+never mixed in.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ class Journal:
                 log.info("%s was written for other inputs or settings: starting anew", self.path)
             return
         for line in complete[1:]:
-            record = json.loads(line)
-            self.records[self.key(record)] = record
+            for record in json.loads(line)["batch"]:
+                self.records[self.key(record)] = record
         if tail:  # a write cut short: drop it, so the next append starts on a new line
             with self.path.open("r+b") as handle:
                 handle.truncate(len(self.path.read_bytes()) - len(tail))
@@ -63,7 +65,7 @@ class Journal:
     def append(self, records: list[dict]) -> None:
         """Add one batch of records, on disk before this returns."""
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            handle.write(json.dumps({"batch": records}, ensure_ascii=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         for record in records:

@@ -71,14 +71,16 @@ def loss_sums(model: Any, batches: Iterable[dict], device: Any) -> dict[str, flo
 def turn_sums(losses: TokenLosses, labels: torch.Tensor) -> list[list[tuple[float, int]]]:
     """Per row of a padded batch, per answer (each unbroken run of labels is one answer
     and its end-of-turn token), in order: (summed loss, tokens)."""
+    labels = labels.cpu()
     labelled = labels != IGNORE_INDEX
     starts = labelled.clone()
     starts[:, 1:] &= ~labelled[:, :-1]
     turn_of = starts.long().cumsum(dim=1) - 1  # the answer each position belongs to
     turns = [int(n) for n in starts.sum(dim=1)]
     sums: list[list[list[float]]] = [[[0.0, 0] for _ in range(n)] for n in turns]
-    turn = turn_of[losses.rows, losses.positions].tolist()
-    for row, t, loss in zip(losses.rows.tolist(), turn, losses.losses.tolist(), strict=True):
+    rows, positions = losses.rows.cpu(), losses.positions.cpu()
+    turn = turn_of[rows, positions].tolist()
+    for row, t, loss in zip(rows.tolist(), turn, losses.losses.tolist(), strict=True):
         sums[row][t][0] += loss
         sums[row][t][1] += 1
     return [[(total, int(count)) for total, count in row] for row in sums]

@@ -18,6 +18,7 @@ from robovqa_ft.evaluate import (
     answer_batches,
     answer_sample,
     evaluate_run,
+    journal_fingerprint,
     loss_summary,
     normalize,
     other_clip_rows,
@@ -320,15 +321,30 @@ def test_a_killed_evaluation_resumes_after_its_last_batch(tiny_setup, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "eval.json").exists()
-    kept = progress.read_text().count("\n") - 1
+    # whole batches only: a line cut short by the kill is not taken
+    lines = progress.read_text().split("\n")[1:-1]
+    kept = sum(len(json.loads(line)["batch"]) for line in lines)
+    assert all(len(json.loads(line)["batch"]) <= 2 for line in lines)
     resumed = evaluate(tiny_setup, None, out, stages, evaluation, run="base")
-    assert resumed["resumed_records"] >= kept - 1 > 0  # at most a cut-short line lost
+    assert resumed["resumed_records"] == kept > 0
     for result in (whole, resumed):
         for key in ("wall_seconds", "resumed_records"):
             result.pop(key)
     assert resumed == whole
     for name in ("predictions.jsonl", "val_losses.jsonl"):
         assert (out / name).read_text() == (tmp_path / "whole" / name).read_text()
+
+
+def test_the_journal_is_kept_only_for_the_same_numbers(tiny_setup):
+    stages, inputs = {"stage1": {"max_frames": 4}}, [tiny_setup["stage1_val"]]
+    model = run_settings(tiny_setup["model"])["model"]
+    same = journal_fingerprint(model, stages, eval_settings(), inputs)
+    assert journal_fingerprint(model, stages, eval_settings(dataloader_workers=3), inputs) == same
+    for changed in (eval_settings(generation_batch_size=5), eval_settings(seed=1)):
+        assert journal_fingerprint(model, stages, changed, inputs) != same
+    other_kernel = {**model, "attn_implementation": "eager"}
+    assert journal_fingerprint(other_kernel, stages, eval_settings(), inputs) != same
+    assert journal_fingerprint(model, stages, eval_settings(), [tiny_setup["stage2_val"]]) != same
 
 
 def test_a_journal_of_other_settings_is_not_resumed(tmp_path):

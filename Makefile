@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format bench bench-gpu clean
+.PHONY: demo test lint format bench bench-gpu clean clean-results
 
 # The demo and the tests never touch the network: every model is built here.
 demo test: export HF_HUB_OFFLINE := 1
@@ -69,5 +69,14 @@ rehearse-gpu-slot: $(STAMP)
 	PYTHONUNBUFFERED=1 $(BIN)/python benchmarks/gpu_slot.py --tiny \
 		--out $(or $(SLOT_OUT),/tmp/robovqa-gpu-slot) $(or $(SLOT_ARGS),--budget-seconds 60)
 
+# What a rerun makes again cheaply: the demo's folder and the tools' caches.
 clean:
-	rm -rf results logs demo .snakemake
+	rm -rf demo .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+
+# The real run's results: the download (~66 GB), frames, checkpoints, adapters, reports.
+# Says what it would delete; deletes only with CONFIRM=yes.
+clean-results:
+	@du -sh results logs benchmarks/*/ .snakemake 2>/dev/null || true
+	@if [ "$(CONFIRM)" = yes ]; then rm -rf results logs .snakemake $$(ls -d benchmarks/*/ 2>/dev/null) && echo deleted; \
+	else echo "the above would be deleted (downloads, checkpoints, every result): make clean-results CONFIRM=yes"; fi

@@ -1,7 +1,11 @@
 # Fine-tune a vision-language model on RoboVQA with a two-stage curriculum.
 # The DAG: download -> extract_frames (one job per shard) -> build_jsonl
 #   -> train (stage1 -> stage2, and the stage2_only ablation) -> evaluate -> ablation_report.
-from snakemake.utils import min_version, validate
+import sys
+
+from snakemake.utils import min_version
+
+from robovqa_ft.settings import ConfigError, check_config
 
 min_version("9.0")
 
@@ -10,7 +14,12 @@ min_version("9.0")
 configfile: f"{workflow.basedir}/config/config.yaml"
 
 
-validate(config, "config/schema.yaml")
+# Types, defaults, config/schema.yaml and the checks across keys; a mistake stops the run
+# here, before any job, in one line.
+try:
+    check_config(config, workflow.basedir)
+except ConfigError as error:
+    sys.exit(str(error))
 
 
 include: "rules/common.smk"

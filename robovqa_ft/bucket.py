@@ -2,7 +2,8 @@
 
 Every source ends as one manifest (`split`, `shard`, `path`, `bytes` per line) that
 the frame extraction fans out over. GCS shards are downloaded in parallel to a
-folder that is not a Snakemake output, so a complete shard is never fetched twice.
+folder that is not a Snakemake output, so a complete shard is never fetched twice and
+a partial one is resumed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -32,12 +34,32 @@ SOURCE_ALIASES = {"gs://anon_robovqa/tfrecord": DEFAULT_SOURCE}
 MANIFEST_FIELDS = ("split", "shard", "path", "bytes")
 # Files that an interrupted download leaves: ours, and gcloud/gsutil's.
 PARTIAL_SUFFIXES = (".part", ".gstmp", "_.gstmp")
-DOWNLOAD_ATTEMPTS = 3
-RETRY_WAIT_SECONDS = 10
+GCS_ENDPOINT = "https://storage.googleapis.com"
+# The client library's own convention for pointing at a GCS emulator (tests do).
+EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
 
 
 class BucketError(RuntimeError):
     """The source cannot provide shards; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class Patience:
+    """How long talking to GCS may take before it counts as failed: the production values,
+    which tests against an emulator shrink to about a second."""
+
+    timeout: float = 60  # seconds per HTTP request: to connect, and between two reads
+    list_deadline: float = 60  # seconds the client retries the listing: offline fails in a minute
+    download_deadline: float = 120  # seconds it retries one download (its DEFAULT_RETRY's)
+    backoff: float = 1  # seconds before the client's first retry, then doubling (DEFAULT_RETRY's)
+    attempts: int = 3  # our own tries at a shard, each resuming where the last one stopped
+    retry_wait: float = 10  # seconds before our try n + 1, times n
+
+    def retry(self, deadline: float) -> Any:
+        """The client's retry of one call: DEFAULT_RETRY's errors, these waits."""
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        return DEFAULT_RETRY.with_timeout(deadline).with_delay(initial=self.backoff)
 
 
 @dataclass(frozen=True)
@@ -108,38 +130,47 @@ def is_complete(path: Path, size: int, crc32c: str | None) -> bool:
     )
 
 
-def _anonymous_bucket(name: str) -> Any:
+def _anonymous_bucket(name: str, endpoint: str) -> Any:
     from google.cloud import storage
 
-    return storage.Client.create_anonymous_client().bucket(name)
+    client = storage.Client(
+        project=None,  # anonymous: no project to bill
+        client_options={"api_endpoint": endpoint},
+        use_auth_w_custom_endpoint=False,  # anonymous credentials, as the endpoint is given
+    )
+    return client.bucket(name)
 
 
 def download_gcs(
-    uri: str, dest: Path | str, workers: int = 8, bucket: Any = None, timeout: float = 60
+    uri: str,
+    dest: Path | str,
+    workers: int = 8,
+    endpoint: str = GCS_ENDPOINT,
+    patience: Patience = Patience(),
 ) -> list[Shard]:
     """Download the shards under `uri` into `dest`, skipping those already complete.
 
-    `bucket` defaults to an anonymous client's bucket (the data is public); tests pass
-    a stand-in with the same `list_blobs` and `Blob.download_to_filename`.
+    The client is anonymous (the data is public); `endpoint` and `patience` exist so that
+    tests run this same code against a local emulator.
     """
-    from google.cloud.storage.retry import DEFAULT_RETRY
-
     name, prefix = parse_gcs_uri(uri)
     dest = Path(dest)
-    bucket = bucket if bucket is not None else _anonymous_bucket(name)
-    retry = DEFAULT_RETRY.with_timeout(timeout)  # fail within a minute when offline
+    bucket = _anonymous_bucket(name, endpoint)
+    retry = patience.retry(patience.list_deadline)
     try:
         blobs = [
             blob
             for split in SPLITS
             for blob in bucket.list_blobs(
-                prefix="/".join(filter(None, (prefix, split, split))), timeout=timeout, retry=retry
+                prefix="/".join(filter(None, (prefix, split, split))),
+                timeout=patience.timeout,
+                retry=retry,
             )
             if not blob.name.endswith("/")
         ]
     except Exception as error:  # the client raises many types: transport, auth, API
         raise BucketError(
-            f"cannot list gs://{name}/{prefix}: {type(error).__name__}: {error}\n"
+            f"cannot list gs://{name}/{prefix} at {endpoint}: {type(error).__name__}: {error}\n"
             "If this machine has no access to Google Cloud Storage, copy the shards "
             f"elsewhere (gcloud storage cp -r gs://{name}/{prefix} DIR) and run with "
             "--config source=DIR (a folder with train/train* and val/val*)."
@@ -153,7 +184,7 @@ def download_gcs(
         if is_complete(path, blob.size, blob.crc32c):
             log.info("%s: already complete, not fetched again", path)
         else:
-            _download(blob, path, timeout)
+            _download(blob, path, endpoint, patience)
         progress.update(blob.size)
         return Shard(split, path.name, str(path.resolve()), blob.size)
 
@@ -166,36 +197,65 @@ def download_gcs(
         return list(pool.map(fetch, blobs))
 
 
-def _download(blob: Any, path: Path, timeout: float) -> None:
-    """Fetch one object to `path` via `path.part`, a few times if the connection drops."""
-    from google.cloud.storage.retry import DEFAULT_RETRY
+def _download(blob: Any, path: Path, endpoint: str, patience: Patience) -> None:
+    """Fetch one object to `path` via `path.part`, a few times if a try fails.
 
+    A try resumes after the bytes that the one before left in `path.part` (a Range
+    request), rather than fetching the shard anew: tries fail on flaky links, where
+    starting a shard of hundreds of MB over each time may never finish, and a killed job
+    keeps what its shards in flight had fetched. Resuming is safe because the whole file's
+    CRC-32C is checked after every try, and a part that fails it (a changed object, a
+    damaged file) is deleted, so the next try starts from the first byte.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
-    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+    retry = patience.retry(patience.download_deadline)
+    for attempt in range(1, patience.attempts + 1):
         try:
-            # The client verifies the CRC-32C itself and raises on a mismatch.
-            blob.download_to_filename(
-                str(part), checksum="crc32c", timeout=timeout, retry=DEFAULT_RETRY
-            )
+            _fetch_rest(blob, part, patience.timeout, retry)
             part.replace(path)
             return
         except Exception as error:  # transport, checksum, API: all worth another try
-            if attempt == DOWNLOAD_ATTEMPTS:
-                raise BucketError(f"{blob.name}: {attempt} attempts failed: {error}") from error
+            if attempt == patience.attempts:
+                raise BucketError(
+                    f"gs://{blob.bucket.name}/{blob.name} at {endpoint}: {attempt} attempts "
+                    f"failed, the last with {type(error).__name__}: {error}"
+                ) from error
             log.warning("%s: attempt %d failed (%s); retrying", blob.name, attempt, error)
-            time.sleep(RETRY_WAIT_SECONDS * attempt)
+            time.sleep(patience.retry_wait * attempt)
 
 
-def source_folders(source: str, download_dir: str) -> list[str]:
-    """The existing folders whose shards the manifest lists: a shard added to or deleted
-    from them changes their time stamp, so the download step runs again."""
-    if source == "demo":
+def _fetch_rest(blob: Any, part: Path, timeout: float, retry: Any) -> None:
+    """Append to `part` the bytes of `blob` that it lacks, then check the whole file.
+
+    The check is ours, not the client's: the client skips its own whenever it resumed a
+    dropped transfer (it checks no 206 answer), so it would miss the very case resuming is for.
+    """
+    offset = part.stat().st_size if part.is_file() else 0
+    if offset > blob.size:  # not the beginning of this object
+        offset = 0
+    if offset == 0 or offset < blob.size:  # a part as long as the object needs only the check
+        with part.open("ab" if offset else "wb") as handle:
+            blob.download_to_file(
+                handle, start=offset or None, checksum=None, timeout=timeout, retry=retry
+            )
+    crc32c = gcs_crc32c(part)
+    if blob.crc32c is not None and crc32c != blob.crc32c:
+        part.unlink()
+        raise BucketError(
+            f"the {'resumed ' if offset else ''}download's CRC-32C is {crc32c}, GCS lists "
+            f"{blob.crc32c}: {part.name} deleted"
+        )
+
+
+def source_folders(source: str) -> list[str]:
+    """A local source's split folders, whose shards the manifest lists: a shard added to
+    or deleted from them changes their time stamp, so the listing is redone. None for
+    gs:// (its listing is known only online, and a dry run stays offline: it is redone
+    when asked, `--forcerun download`) or the demo (its settings are params)."""
+    if source == "demo" or source.startswith("gs://"):
         return []
-    if source.startswith("gs://"):
-        root = Path(download_dir, *parse_gcs_uri(source))
-    else:
-        root = Path(source)
+    root = Path(source)
     return [str(root / split) for split in SPLITS if (root / split).is_dir()]
 
 
@@ -204,7 +264,9 @@ def prepare_source(
 ) -> list[Shard]:
     """Resolve `source` (gs:// URI, local folder or `demo`) to shards and write the manifest."""
     if source.startswith("gs://"):
-        shards = download_gcs(source, Path(download_dir, *parse_gcs_uri(source)), workers)
+        endpoint = os.environ.get(EMULATOR_VARIABLE, GCS_ENDPOINT)
+        shards = download_gcs(source, Path(download_dir, *parse_gcs_uri(source)), workers,
+                              endpoint=endpoint)  # fmt: skip
     elif source == "demo":
         from robovqa_ft.demo_bucket import generate_demo_bucket
 

@@ -52,15 +52,34 @@ def exclusive_lock(checkpoint_dir: Path) -> Iterator[None]:
         yield
 
 
-# Settings that change how a run is watched, saved or computed, not the weights it
-# reaches: changing them must neither re-run a finished training nor throw checkpoints away.
-# The GPU count is one: the global batch stays batch_size × grad_accum on any count.
+# The one table of bookkeeping keys: settings that change how a job is watched, saved,
+# sped up or scheduled, never what it writes. No job has one in its params and no
+# training fingerprint holds one, so changing it after a complete run plans nothing (the
+# scripts read them from the config). The GPU count is one: the global batch stays
+# batch_size × grad_accum on any count. By config section; TOP_LEVEL holds the keys at
+# the top of the config. Every other key shapes the outputs of the jobs that read it
+# (`READS`) and reaches their params, and the training fingerprint where it reads it.
+TOP_LEVEL = ""
 BOOKKEEPING = {
+    TOP_LEVEL: {"download_workers"},
     "training": {"logging_steps", "eval_steps", "eval_clips", "save_steps",
                  "save_every_minutes", "save_total_limit", "dataloader_workers", "gpus",
                  "hang_timeout_minutes", "stop_grace_seconds"},
     "model": {"max_memory_gb", "attn_implementation", "gradient_checkpointing"},
     "evaluation": {"generation_batch_size", "dataloader_workers"},
+}  # fmt: skip
+# What each job reads of the config: whole sections, or "key" for a top-level key. The
+# frames and the split reach training through the data's metadata.json.
+READS = {
+    "download": ["source", "download_workers", "demo"],
+    "extract_frames": ["frame_size", "frames_per_clip", "jpeg_quality"],
+    "build_jsonl": ["split", "val_ratio", "split_seed", "subset_ratio", "frames_per_clip",
+                    "frame_size", "jpeg_quality", "source"],
+    "build_tiny_model": ["tiny_model", "training"],
+    "train": ["model", "lora", "training", "stage1", "stage2", "evaluation"],
+    "evaluate": ["model", "stage1", "stage2", "evaluation"],
+    "ablation_report": ["source", "model", "lora", "training", "stage1", "stage2",
+                        "evaluation", "report"],
 }  # fmt: skip
 
 

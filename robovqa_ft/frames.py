@@ -32,6 +32,12 @@ _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_ID_LENGTH = 100
 # Names the shard that published a clip folder, so a duplicate id never mixes two clips.
 OWNER_FILE = ".shard"
+# Decodable records whose frame counts say whether frames_per_clip suits the data.
+FRAME_COUNT_PROBE = 20
+
+
+class FrameCountError(ValueError):
+    """frames_per_clip does not match the data: no record would be usable."""
 
 
 def frame_name(index: int) -> str:
@@ -124,6 +130,7 @@ def _extract_to_staging(
     """Each usable record's frames to `staging/<video_id>/`; a line per record to the draft."""
     summary = ShardSummary()
     seen: set[str] = set()
+    counts: list[int] = []  # frame counts of the first decodable records
     with (
         draft_index.open("w", encoding="utf-8") as index,
         tqdm(
@@ -137,6 +144,10 @@ def _extract_to_staging(
                 payload, shard, number, staging, seen, size, frames_per_clip, jpeg_quality
             )
             entry.update(index=number, offset=offset)
+            if "frame_count" in entry and len(counts) < FRAME_COUNT_PROBE:
+                counts.append(entry.pop("frame_count"))
+                _check_frame_count(counts, frames_per_clip, shard)
+            entry.pop("frame_count", None)
             if entry["status"] == "ok":
                 summary.clips += 1
                 seen.add(entry["video_id"])
@@ -149,12 +160,27 @@ def _extract_to_staging(
             if entry.get("extra_texts"):
                 summary.extra_texts += 1
             index.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    _check_frame_count(counts, frames_per_clip, shard, ended=True)
     if summary.extra_texts:
         log.warning(
             "%s: %d records hold more than one text; only the first was read (as the official "
             "loader does)", shard, summary.extra_texts,
         )  # fmt: skip
     return summary
+
+
+def _check_frame_count(counts: list[int], wanted: int, shard: str, ended: bool = False) -> None:
+    """Stop at the first shard whose first decodable records (`FRAME_COUNT_PROBE`, or all of
+    a shorter shard, at least two) all have one frame count other than `wanted`: the
+    setting is wrong, not the records. A single odd record is skipped and counted."""
+    if len(counts) < (2 if ended else FRAME_COUNT_PROBE) or set(counts) != {counts[0]}:
+        return
+    if counts[0] != wanted:
+        raise FrameCountError(
+            f"{shard}: none of its first {len(counts)} records has frames_per_clip = {wanted} "
+            f"frames; all have {counts[0]}. If the data is right, set frames_per_clip: "
+            f"{counts[0]} (config.yaml)"
+        )
 
 
 def _skip(video_id: str, reason: str, detail: str) -> dict:
@@ -177,15 +203,17 @@ def _extract_record(
     except DecodeError as error:
         return _skip(video_id_for(None, shard, number), "unparsable_record", str(error))
     video_id = video_id_for(raw.unique_id, shard, number)
+    counted = {"frame_count": len(raw.frames)}  # for `_check_frame_count`, not the index
     if video_id in seen:
-        return _skip(video_id, "duplicate_video_id", f"unique_id {raw.unique_id!r} seen earlier")
+        detail = f"unique_id {raw.unique_id!r} seen earlier"
+        return _skip(video_id, "duplicate_video_id", detail) | counted
     if len(raw.frames) != frames_per_clip:
         detail = f"{len(raw.frames)} frames, expected {frames_per_clip}"
-        return _skip(video_id, "wrong_frame_count", detail)
+        return _skip(video_id, "wrong_frame_count", detail) | counted
     parsed = parse_qa_text(raw.text or "")
     if not parsed.qas:
         detail = "no text" if raw.text is None else f"no usable QA block ({dict(parsed.skipped)})"
-        return _skip(video_id, "no_valid_qa", detail)
+        return _skip(video_id, "no_valid_qa", detail) | counted
     clip_dir = staging / video_id
     clip_dir.mkdir()
     source_sizes = set()
@@ -194,7 +222,7 @@ def _extract_record(
             jpeg, original = resize_jpeg(frame, size, jpeg_quality)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             shutil.rmtree(clip_dir)
-            return _skip(video_id, "undecodable_frame", f"frame {i}: {error}")
+            return _skip(video_id, "undecodable_frame", f"frame {i}: {error}") | counted
         (clip_dir / frame_name(i)).write_bytes(jpeg)
         source_sizes.add(original)
     return {
@@ -208,7 +236,7 @@ def _extract_record(
         ],
         "qa_skipped": dict(parsed.skipped),
         "extra_texts": raw.extra_texts,
-    }
+    } | counted
 
 
 def _publish(staging: Path, images_dir: Path, shard: str) -> dict[str, str]:

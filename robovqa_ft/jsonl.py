@@ -130,9 +130,14 @@ def build_jsonl(
     subset_ratio: float,
     frames_per_clip: int,
     frame_size: list[int],
+    jpeg_quality: int,
     source: str,
 ) -> dict:
-    """Write the four files of `outputs` (keyed as `jsonl_paths`) and the metadata; returns it."""
+    """Write the four files of `outputs` (keyed as `jsonl_paths`) and the metadata; returns it.
+
+    The metadata records every setting that made the frames and the samples (frame count,
+    size and JPEG quality, split and subset): the training fingerprint holds it, so a
+    checkpoint is never resumed on other data."""
     index_paths = sorted(map(Path, index_paths))
     clips, skipped = read_shard_indexes(index_paths)
     if not clips:
@@ -176,6 +181,7 @@ def build_jsonl(
         "frames": {
             "per_clip": frames_per_clip,
             "size": list(frame_size),
+            "jpeg_quality": jpeg_quality,
             "source_sizes": dict(Counter(c["source_size"] for c in clips).most_common()),
         },
         "splits": {s: _finish_split_stats(v) for s, v in stats.items()},

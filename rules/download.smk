@@ -1,9 +1,13 @@
-# The shard list is known only after listing the source, hence a checkpoint.
+# The shard list is known only after listing the source, hence a checkpoint. Its
+# inputs are a local source's split folders (a shard added or removed changes their
+# time stamp, and the listing is redone); a gs:// listing is redone only when asked
+# (`--forcerun download`): a dry run stays offline. download_workers is bookkeeping,
+# read by the script.
 # Shards are stored under results/bucket/, which is not an output: Snakemake
 # would delete it before a re-run, and a complete shard must never be fetched twice.
 checkpoint download:
     input:
-        source_folders(config["source"], "results/bucket"),
+        source_folders(config["source"]),
     output:
         manifest="results/data/shards.tsv",
     log:
@@ -15,7 +19,6 @@ checkpoint download:
     params:
         source=config["source"],
         download_dir="results/bucket",
-        workers=config["download_workers"],
         demo=demo_settings(),
     script:
         "../workflow_scripts/download.py"

@@ -17,11 +17,16 @@ rule evaluate:
     threads: max(2, config["evaluation"]["dataloader_workers"] + 1)
     resources:
         gpu=1,
-    # The script reads the bookkeeping keys (batch of prompts, workers) from the config.
+    # Only what shapes the numbers is a param; the script reads the bookkeeping keys
+    # (batch of prompts, workers, attention kernel, memory cap) from the config.
     params:
         images_dir="results/data/images",
-        model=model_settings(),
-        stages={"stage1": config["stage1"], "stage2": config["stage2"]},
+        model=shaping_settings("model", model_settings()),
+        # what an answer format and a val set take of each stage: not its hyperparameters
+        stages={
+            stage: {key: config[stage][key] for key in ("max_frames", "max_seq_len")}
+            for stage in ("stage1", "stage2")
+        },
         evaluation=shaping_settings("evaluation", config["evaluation"]),
     script:
         "../workflow_scripts/evaluate.py"

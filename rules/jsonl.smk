@@ -18,6 +18,7 @@ rule build_jsonl:
         subset_ratio=config["subset_ratio"],
         frames_per_clip=config["frames_per_clip"],
         frame_size=FRAME_SIZE,
+        jpeg_quality=config["jpeg_quality"],
         source=config["source"],
     script:
         "../workflow_scripts/build_jsonl.py"

@@ -14,5 +14,6 @@ with log_to(snakemake.log[0]):
         subset_ratio=snakemake.params.subset_ratio,
         frames_per_clip=snakemake.params.frames_per_clip,
         frame_size=snakemake.params.frame_size,
+        jpeg_quality=snakemake.params.jpeg_quality,
         source=snakemake.params.source,
     )

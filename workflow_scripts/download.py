@@ -8,6 +8,6 @@ with log_to(snakemake.log[0]):
         source=snakemake.params.source,
         manifest=snakemake.output.manifest,
         download_dir=snakemake.params.download_dir,
-        workers=snakemake.params.workers,
+        workers=snakemake.config["download_workers"],  # bookkeeping: not a param
         demo=snakemake.params.demo,
     )

@@ -11,7 +11,7 @@ with log_to(snakemake.log[0]), allocated_gpus(snakemake.resources.gpu):
         val_jsonl={"stage1": snakemake.input.stage1_val, "stage2": snakemake.input.stage2_val},
         images_dir=snakemake.params.images_dir,
         outputs=dict(snakemake.output.items()),
-        model=snakemake.params.model,
+        model={**snakemake.config["model"], **snakemake.params.model},  # "tiny" resolved
         stages=snakemake.params.stages,
         evaluation={**snakemake.config["evaluation"], **snakemake.params.evaluation},
         run=snakemake.wildcards.run,

@@ -170,3 +170,20 @@ def test_kill_mid_shard_leaves_no_partial_frame_and_rerun_completes(make_shard, 
             with Image.open(frame) as image:
                 image.load()  # raises on a truncated JPEG
     assert not (staging / "shard").exists()
+
+
+def test_a_frames_per_clip_the_data_does_not_have_stops_at_the_first_shard(make_shard, tmp_path):
+    from robovqa_ft.frames import FrameCountError
+
+    shard = make_shard([good_record(f"clip-{i}", i) for i in range(3)])  # 16 frames each
+    with pytest.raises(FrameCountError, match="frames_per_clip = 8 frames; all have 16"):
+        extract_shard(shard_path=shard, shard=shard.name, images_dir=tmp_path / "images",
+                      staging_dir=tmp_path / "staging", index_path=tmp_path / "index.jsonl",
+                      frame_size=(32, 32), frames_per_clip=8, jpeg_quality=90)  # fmt: skip
+    assert not (tmp_path / "index.jsonl").exists() and not (tmp_path / "images").exists()
+    # one odd record among good ones is still skipped and counted (tested above per kind)
+    rng = random.Random(0)
+    mixed = make_shard([bad_record("wrong_frame_count", "odd", rng, SMALL_FRAME),
+                        good_record("ok", 1)])  # fmt: skip
+    summary, _ = run_extract(mixed, tmp_path / "mixed")
+    assert summary.skipped == {"wrong_frame_count": 1} and summary.clips == 1

@@ -249,6 +249,7 @@ def run_build(shard_indexes, out_dir, subset_ratio=1.0):
         subset_ratio=subset_ratio,
         frames_per_clip=16,
         frame_size=[288, 288],
+        jpeg_quality=90,
         source="test",
     )
     lines = {

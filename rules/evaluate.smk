@@ -40,8 +40,11 @@ rule ablation_report:
         losses=expand("results/{run}/val_losses.jsonl", run=EVAL_RUNS),
         metadata="results/data/metadata.json",
         # other training seeds' evaluations, each in a --directory of its own
-        pooled=expand("{directory}/results/{run}/eval.json",
-                      directory=config["report"]["pool"], run=EVAL_RUNS),
+        pooled=expand(
+            "{directory}/results/{run}/eval.json",
+            directory=config["report"]["pool"],
+            run=EVAL_RUNS,
+        ),
     output:
         report="results/ablation/report.md",
         table="results/ablation/table.csv",

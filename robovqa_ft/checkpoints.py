@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -138,3 +139,42 @@ def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
         if (path / COMPLETE_MARKER).exists() and path.name.split("-")[-1].isdigit()
     ]
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _step(path: Path) -> int | None:
+    suffix = path.name.split("-")[-1]
+    return int(suffix) if path.name.startswith("checkpoint-") and suffix.isdigit() else None
+
+
+def set_aside_incomplete(checkpoint_dir: Path) -> list[Path]:
+    """Move every checkpoint without its completion marker (a save a kill cut short) to
+    `incomplete-*/`, before a run starts: it is never resumed, never counted against
+    `save_total_limit`, and never mistaken for the newest. Returns where they went."""
+    halves = [p for p in checkpoint_dir.glob("checkpoint-*")
+              if _step(p) is not None and not (p / COMPLETE_MARKER).exists()]  # fmt: skip
+    if not halves:
+        return []
+    aside = Path(tempfile.mkdtemp(dir=checkpoint_dir, prefix="incomplete-"))
+    moved = []
+    for path in halves:
+        moved.append(path.rename(aside / path.name))
+    log.warning("moved %d half-written checkpoints to %s: %s", len(moved), aside,
+                ", ".join(p.name for p in moved))  # fmt: skip
+    return moved
+
+
+def rotate_checkpoints(checkpoint_dir: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (None keeps all). Only complete
+    ones count and only complete ones go: called once a save is marked complete, so the
+    newest complete checkpoint is always among those kept."""
+    if keep is None:
+        return []
+    complete = sorted((p for p in checkpoint_dir.glob("checkpoint-*")
+                       if _step(p) is not None and (p / COMPLETE_MARKER).exists()),
+                      key=_step)  # fmt: skip
+    old = complete[: max(len(complete) - keep, 0)]
+    for path in old:
+        # the marker first: a kill in the middle leaves a folder that no longer counts
+        (path / COMPLETE_MARKER).unlink()
+        shutil.rmtree(path)
+    return old

@@ -11,12 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import signal
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -30,6 +32,8 @@ from robovqa_ft.checkpoints import (
     fingerprint,
     latest_complete_checkpoint,
     prepare_checkpoint_dir,
+    rotate_checkpoints,
+    set_aside_incomplete,
 )
 from robovqa_ft.files import atomic_directory, atomic_open, write_json_atomic
 from robovqa_ft.launch import per_rank_accumulation
@@ -56,8 +60,8 @@ class CrashSafety(TrainerCallback):
     written its part of it.
     """
 
-    def __init__(self, checkpoint_dir: Path, save_every_minutes: float):
-        self.checkpoint_dir = checkpoint_dir
+    def __init__(self, checkpoint_dir: Path, save_every_minutes: float, keep: int | None = None):
+        self.checkpoint_dir, self.keep = checkpoint_dir, keep
         self.interval = save_every_minutes * 60
         self.last_save = time.monotonic()
         self.terminated = self.stopped = False
@@ -77,8 +81,10 @@ class CrashSafety(TrainerCallback):
         elif due:
             control.should_save = True
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
         # The Trainer calls this on every rank right after that rank's part of the save.
+        # Every rank holds the same weights, so all of them refuse a non-finite one alike.
+        refuse_non_finite(state, model)
         ranks.barrier()
         if ranks.world().is_main:
             folder = self.checkpoint_dir / f"checkpoint-{state.global_step}"
@@ -87,7 +93,25 @@ class CrashSafety(TrainerCallback):
                 time.strftime("%Y-%m-%d %H:%M:%S\n") + "".join(f"{f}\n" for f in files)
             )
             log.info("checkpoint saved: step=%d", state.global_step)
+            # The project rotates, not the Trainer: after the marker, complete ones only.
+            rotate_checkpoints(self.checkpoint_dir, self.keep)
         self.last_save = time.monotonic()
+
+
+def refuse_non_finite(state: Any, model: Any) -> None:
+    """Stop before a checkpoint of non-finite loss or weights is marked complete: resuming
+    it could only repeat the divergence."""
+    losses = [row["loss"] for row in state.log_history if "loss" in row]
+    weights = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+    bad_loss = bool(losses) and not math.isfinite(losses[-1])
+    bad_weights = any(not torch.isfinite(p).all() for p in weights)
+    if bad_loss or bad_weights:
+        what = "the loss is" if bad_loss else "the LoRA weights are"
+        raise FloatingPointError(
+            f"step {state.global_step}: {what} not finite; checkpoint-"
+            f"{state.global_step} is not marked complete, and a rerun resumes from the last "
+            "complete one: lower the learning rate or check the data of this step"
+        )
 
 
 class SamplerEpoch(TrainerCallback):
@@ -324,6 +348,7 @@ def train_run(
             inputs = [p for p in (train_jsonl, data_metadata, init_adapter) if p is not None]
             current = fingerprint(settings, inputs)
             prepare_checkpoint_dir(checkpoint_dir, current)
+            set_aside_incomplete(checkpoint_dir)
             with atomic_open(run_dir / "config.yaml") as handle:
                 yaml.safe_dump(settings, handle, sort_keys=False)
             log.info("Training with %d processes", me.size)
@@ -357,7 +382,9 @@ def train_run(
         trainer.train_sampler = sampler
         resumed_step = int(resume.name.split("-")[-1]) if resume else 0
         trainer.metrics = MetricsLog(run_dir, resumed_step, len(val_set))
-        safety = CrashSafety(checkpoint_dir, training["save_every_minutes"])
+        safety = CrashSafety(
+            checkpoint_dir, training["save_every_minutes"], training["save_total_limit"]
+        )
         for callback in (safety, trainer.metrics, SamplerEpoch(sampler)):
             trainer.add_callback(callback)
         if resume:
@@ -444,7 +471,9 @@ def training_arguments(
         prediction_loss_only=True,  # the val loss is all the Trainer's evaluation gives
         save_strategy="steps",
         save_steps=training["save_steps"],
-        save_total_limit=training["save_total_limit"],
+        # None: the Trainer rotates before the completion marker exists and by time stamp,
+        # and could delete the last complete checkpoint; CrashSafety rotates instead.
+        save_total_limit=None,
         seed=training["seed"],
         data_seed=training["seed"],
         dataloader_num_workers=training["dataloader_workers"],

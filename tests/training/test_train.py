@@ -21,12 +21,20 @@ from robovqa_ft.checkpoints import (
     fingerprint,
     latest_complete_checkpoint,
     prepare_checkpoint_dir,
+    rotate_checkpoints,
+    set_aside_incomplete,
 )
 from robovqa_ft.evaluate import loss_summary, sample_losses
 from robovqa_ft.journal import Journal
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
 from robovqa_ft.samples import JsonlDataset, SampleBuilder, collator, split_counters
-from robovqa_ft.train import CurriculumTrainer, MetricsLog, train_run, training_arguments
+from robovqa_ft.train import (
+    CurriculumTrainer,
+    MetricsLog,
+    refuse_non_finite,
+    train_run,
+    training_arguments,
+)
 
 DRIVER = """
 import json, logging, sys, time
@@ -387,3 +395,69 @@ def test_the_periodic_val_loss_is_token_level_like_eval_json(tiny_setup, tmp_pat
         batch = collator("longest", pad)([val[i] for i in range(start, min(start + 2, len(val)))])
         batch_means.append(float(model(**split_counters(batch)[0]).loss))
     assert abs(sum(batch_means) / len(batch_means) - final["loss"]) > 1e-4
+
+
+def complete_checkpoints(folder: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")
+                  if (p / COMPLETE_MARKER).exists())  # fmt: skip
+
+
+def test_kills_during_consecutive_saves_never_rotate_the_last_complete_checkpoint_away(
+    tiny_setup, tmp_path
+):
+    settings = {"max_steps": 6, "save_steps": 1, "save_total_limit": 2}
+    reference = adapter_weights(run(tiny_setup, tmp_path / "reference", **settings))
+    assert complete_checkpoints(tmp_path / "reference" / "checkpoints") == [5, 6]
+    killed = tmp_path / "killed"
+    checkpoints = killed / "checkpoints"
+    for done in (1, 2, 3):  # each attempt killed in the middle of saving step done + 1
+        process = start_training(tiny_setup, killed, slow_save=0.5, **settings)
+        wait_for(checkpoints / f"checkpoint-{done}" / COMPLETE_MARKER, process)
+        wait_for(checkpoints / f"checkpoint-{done + 1}", process)  # its save has begun
+        time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
+        assert not (checkpoints / f"checkpoint-{done + 1}" / COMPLETE_MARKER).exists()
+        # the half-written one counts for nothing: the newest complete ones stay
+        assert complete_checkpoints(checkpoints) == {1: [1], 2: [1, 2], 3: [2, 3]}[done]
+    resumed = start_training(tiny_setup, killed, **settings)
+    assert resumed.wait(timeout=300) == 0, (killed / "driver.log").read_text()
+    log = (killed / "driver.log").read_text()
+    assert "Resumed from checkpoint: step=3" in log and "half-written" in log
+    assert complete_checkpoints(checkpoints) == [5, 6]
+    assert not [p for p in checkpoints.glob("checkpoint-*") if not (p / COMPLETE_MARKER).exists()]
+    assert list(checkpoints.glob("incomplete-*/checkpoint-4"))  # moved aside, not resumed
+    assert max_difference(adapter_weights(killed / "adapter"), reference) <= 1e-7
+
+
+def test_rotation_counts_and_deletes_complete_checkpoints_only(tmp_path):
+    for step in range(1, 7):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if step <= 4:
+            (tmp_path / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("done")
+    time.sleep(0.01)
+    os.utime(tmp_path / "checkpoint-1")  # the newest time stamp must not matter
+    assert [p.name for p in rotate_checkpoints(tmp_path, keep=2)] == ["checkpoint-1",
+                                                                       "checkpoint-2"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
+        "checkpoint-3", "checkpoint-4", "checkpoint-5", "checkpoint-6"]  # fmt: skip
+    assert rotate_checkpoints(tmp_path, keep=None) == []
+    moved = set_aside_incomplete(tmp_path)
+    assert sorted(p.name for p in moved) == ["checkpoint-5", "checkpoint-6"]
+    assert complete_checkpoints(tmp_path) == [3, 4] and len(list(tmp_path.glob("incomplete-*")))
+    assert latest_complete_checkpoint(tmp_path).name == "checkpoint-4"
+
+
+def test_a_non_finite_loss_or_weight_is_never_marked_complete(tmp_path):
+    class State:
+        global_step, log_history = 7, [{"loss": 1.0}, {"loss": float("nan")}]
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(FloatingPointError, match="step 7: the loss is not finite"):
+        refuse_non_finite(State(), model)
+    State.log_history = [{"loss": 1.0}]
+    refuse_non_finite(State(), model)  # finite: saved as usual
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="LoRA weights are not finite; checkpoint-7"):
+        refuse_non_finite(State(), model)

@@ -357,20 +357,27 @@ def collator(padding: str, pad_token_id: int) -> Callable[[list[dict | None]], d
     part), "packed" lays the samples end to end."""
     if padding not in PADDING:
         raise ValueError(f"padding {padding!r} is not one of {PADDING}")
-    return pack_batch if padding == "packed" else partial(pad_batch, pad_token_id=pad_token_id)
+    layout = pack_batch if padding == "packed" else pad_batch
+    return partial(layout, pad_token_id=pad_token_id)
 
 
-def _present(samples: list[dict | None]) -> list[dict]:
+def _present(samples: list[dict | None], pad_token_id: int) -> list[dict]:
+    """The samples that fit `max_seq_len`; when none does, one of a single pad token with
+    nothing labelled. A micro-batch is never fatal: resume skips data by index, so a
+    raising batch would come back after every retry, and under DDP every rank must still
+    take part in the step (zero loss, zero tokens: the step counts it as skipped)."""
     present = [s for s in samples if s is not None]
-    if not present:
-        raise ValueError("no sample in this batch fits max_seq_len; raise it")
-    return present
+    if present:
+        return present
+    nothing = {"input_ids": torch.tensor([pad_token_id]), "attention_mask": torch.tensor([1]),
+               "labels": torch.tensor([IGNORE_INDEX]), "dropped_turns": 0}  # fmt: skip
+    return [nothing]
 
 
-def _counters(batch: dict[str, Any], samples: list[dict], given: int) -> dict[str, Any]:
-    batch["samples"] = torch.tensor(len(samples))  # a packed row holds several
+def _counters(batch: dict[str, Any], samples: list[dict], real: int, given: int) -> dict[str, Any]:
+    batch["samples"] = torch.tensor(real)  # a packed row holds several; the stand-in none
     batch["dropped_turns"] = torch.tensor(sum(s["dropped_turns"] for s in samples))
-    batch["skipped_samples"] = torch.tensor(given - len(samples))  # not even one answer fit
+    batch["skipped_samples"] = torch.tensor(given - real)  # not even one answer fit
     return batch
 
 
@@ -381,7 +388,7 @@ def real_tokens(inputs: dict[str, Any]) -> tuple[int, int]:
     return (int(mask.sum()) if mask is not None else computed), computed
 
 
-def pack_batch(samples: list[dict | None]) -> dict[str, Any]:
+def pack_batch(samples: list[dict | None], pad_token_id: int = 0) -> dict[str, Any]:
     """Padding-free: the micro-batch as one row with no padding at all.
 
     Position ids restart at 0 for each sample and there is no attention mask: from that,
@@ -390,8 +397,8 @@ def pack_batch(samples: list[dict | None]) -> dict[str, Any]:
     sample's first label is ignored, so no sample learns to predict the next one's start.
     Only for 1-D rotary positions (InternVL; Qwen-VL's 3-D positions are not rebuilt here).
     """
-    given = len(samples)
-    samples = _present(samples)
+    given, real = len(samples), sum(s is not None for s in samples)
+    samples = _present(samples, pad_token_id)
     batch: dict[str, Any] = {}
     for key, first in samples[0].items():
         if key in ("dropped_turns", "attention_mask"):
@@ -407,14 +414,14 @@ def pack_batch(samples: list[dict | None]) -> dict[str, Any]:
     # With a KV cache (on by default in eval mode), transformers does not look for packed
     # samples and lets them attend to each other: silently wrong logits.
     batch["use_cache"] = False
-    return _counters(batch, samples, given)
+    return _counters(batch, samples, real, given)
 
 
 def pad_batch(samples: list[dict | None], pad_token_id: int, side: str = "right") -> dict[str, Any]:
     """Pad token sequences (right for training, left for generation); concatenate the
     visual inputs (tiles in prompt order)."""
-    given = len(samples)
-    samples = _present(samples)
+    given, real = len(samples), sum(s is not None for s in samples)
+    samples = _present(samples, pad_token_id)
     length = max(len(s["input_ids"]) for s in samples)
     pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
     batch: dict[str, Any] = {}
@@ -434,4 +441,4 @@ def pad_batch(samples: list[dict | None], pad_token_id: int, side: str = "right"
             )
         else:
             batch[key] = torch.cat([s[key] for s in samples])
-    return _counters(batch, samples, given)
+    return _counters(batch, samples, real, given)

@@ -230,10 +230,33 @@ class CurriculumTrainer(Trainer):
         if num_items_in_batch is None:
             loss = losses.mean()
         else:
-            loss = losses.sum() / num_items_in_batch
+            # a step with no labelled token (no sample fitted): zero loss, and the
+            # optimizer skips it (`create_optimizer`)
+            loss = losses.sum() / max(num_items_in_batch, 1)
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
+            self.step_tokens = int(num_items_in_batch)
         return (loss, {}) if return_outputs else loss
+
+    step_tokens = 1  # the current step's labelled tokens (of this rank, or of all)
+
+    def create_optimizer(self, model=None):
+        """The optimizer, skipping a step in which no rank has a labelled token: every
+        rank decides alike (their counts summed), so the weights stay the same on all."""
+        optimizer = super().create_optimizer(model)
+        if getattr(optimizer, "skips_empty_steps", False):
+            return optimizer
+        step = optimizer.step
+
+        def step_unless_empty(*args, **kwargs):
+            if ranks.summed([self.step_tokens])[0] == 0:
+                log.warning("step %d: no sample fits max_seq_len; the optimizer skips it",
+                            self.state.global_step + 1)  # fmt: skip
+                return None
+            return step(*args, **kwargs)
+
+        optimizer.step, optimizer.skips_empty_steps = step_unless_empty, True
+        return optimizer
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """The periodic val loss as eval.json has it: the training loss summed per token

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler
-from training_helpers import adapter_weights, csv_rows, max_difference, train_tiny, wait_for
+from training_helpers import (
+    adapter_weights,
+    csv_rows,
+    max_difference,
+    train_tiny,
+    wait_for,
+    with_unfit_rows,
+)
 
 from robovqa_ft.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
 from robovqa_ft.launch import check_given_gpus, train_job
@@ -256,3 +263,27 @@ def test_a_stuck_rank_ends_the_job_within_the_hang_timeout(tiny_setup, tmp_path)
     assert time.monotonic() - stuck < 18 + 30 + 30
     assert none_left(tmp_path)
     assert "Timed out" in (tmp_path / "job.log").read_text()
+
+
+def test_micro_batches_in_which_nothing_fits_keep_two_processes_equal_to_one(tiny_setup, tmp_path):
+    # Most rows fit nothing: some micro-batches of a rank are stand-ins with nothing to
+    # learn, while the other rank's are real; DDP must still meet in every step.
+    unfit = with_unfit_rows(tiny_setup["stage1_train"], tmp_path / "unfit.jsonl", every=1)
+    rows = unfit.read_text().splitlines()
+    short = tiny_setup["stage1_train"].read_text().splitlines()
+    mixed = tmp_path / "mixed.jsonl"
+    kept = [s if i % 4 == 0 else u for i, (s, u) in enumerate(zip(short, rows, strict=True))]
+    mixed.write_text("".join(f"{line}\n" for line in kept))
+    setup = {**tiny_setup, "stage1_train": mixed}
+    one = adapter_weights(train_tiny(setup, tmp_path / "one", max_steps=4, **RECIPE))
+    out = tmp_path / "two"
+    succeeded(launch(setup, out, 2, max_steps=4, **RECIPE), out)
+    assert max_difference(adapter_weights(out / "adapter"), one) < 1e-5
+    two, alone = (
+        csv_rows(out / "train_metrics.csv"),
+        csv_rows(tmp_path / "one" / "train_metrics.csv"),
+    )
+    assert [r["skipped_samples"] for r in two] == [r["skipped_samples"] for r in alone]
+    assert sum(int(r["skipped_samples"]) for r in two) > 8  # stand-ins were made
+    for row, single in zip(two, alone, strict=True):
+        assert float(row["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)

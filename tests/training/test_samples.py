@@ -22,6 +22,7 @@ from robovqa_ft.samples import (
     JsonlDataset,
     SampleBuilder,
     StepSampler,
+    collator,
     frame_indices,
     pack_batch,
     pad_batch,
@@ -618,3 +619,12 @@ def test_qwen_pad_batch_concatenates_patches_and_grids(data, qwen_processor):
     assert batch["image_grid_thw"].shape == (8, 3)
     length = max(len(a["input_ids"]), len(b["input_ids"]))
     assert batch["input_ids"].shape == batch["labels"].shape == (2, length)
+
+
+@pytest.mark.parametrize("padding", ["longest", "packed"])
+def test_a_micro_batch_in_which_nothing_fits_becomes_one_that_teaches_nothing(padding):
+    batch = collator(padding, pad_token_id=7)([None, None, None])
+    inputs, counters = split_counters(batch)
+    assert counters == {"samples": 0, "dropped_turns": 0, "skipped_samples": 3}
+    assert inputs["input_ids"].tolist() == [[7]]
+    assert (inputs["labels"] == IGNORE_INDEX).all()

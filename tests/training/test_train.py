@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import adapter_weights, csv_rows, max_difference, run_settings, wait_for
+from training_helpers import (
+    adapter_weights,
+    csv_rows,
+    max_difference,
+    run_settings,
+    wait_for,
+    with_unfit_rows,
+)
 from training_helpers import train_tiny as run
 from transformers import InternVLForConditionalGeneration, Trainer, set_seed
 
@@ -461,3 +468,22 @@ def test_a_non_finite_loss_or_weight_is_never_marked_complete(tmp_path):
         model.weight[0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match="LoRA weights are not finite; checkpoint-7"):
         refuse_non_finite(State(), model)
+
+
+def test_steps_in_which_no_sample_fits_are_skipped_not_fatal(tiny_setup, tmp_path):
+    from peft import get_peft_model_state_dict
+
+    unfit = with_unfit_rows(tiny_setup["stage1_train"], tmp_path / "unfit.jsonl", every=1)
+    setup = {**tiny_setup, "stage1_train": unfit}
+    adapter = adapter_weights(run(setup, tmp_path / "run", max_steps=2))
+    log = (tmp_path / "run" / "training.log").read_text()
+    assert log.count("no sample fits max_seq_len; the optimizer skips it") == 2
+    rows = csv_rows(tmp_path / "run" / "train_metrics.csv")
+    assert [int(r["skipped_samples"]) for r in rows] == [8, 8]
+    assert [int(r["samples"]) for r in rows] == [0, 0]
+    # no optimizer step: not even weight decay moved the freshly initialised LoRA weights
+    set_seed(0)
+    fresh = attach_lora(load_model(tiny_setup["model"], "none", "float32", "sdpa", False),
+                        8, 16, 0.1)  # fmt: skip
+    initial = {k: v for k, v in get_peft_model_state_dict(fresh).items()}
+    assert max_difference(adapter, initial) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -65,3 +66,14 @@ def train_tiny(setup: dict, out: Path, data="stage1", init_adapter=None, **setti
         init_adapter=init_adapter,
         **run_settings(setup["model"], **settings),
     )
+
+
+def with_unfit_rows(source: Path, out: Path, every: int) -> Path:
+    """`source` with the question of every `every`-th row made far longer than any
+    `max_seq_len` a test uses, so that no answer of it fits."""
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        if i % every == 0:
+            row["conversations"][0]["value"] += " and the cup" * 400
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out

@@ -226,6 +226,10 @@ def clip_order(jsonl: Path | str, seed: int) -> list[str]:
     return sorted(clips, key=lambda clip: hashlib.sha256(f"{seed}:clips:{clip}".encode()).digest())
 
 
+# What every line of a curriculum JSONL file holds (jsonl.py writes them).
+ROW_FIELDS = ("id", "video_id", "images", "conversations")
+
+
 class JsonlDataset(Dataset):
     """Lines of a JSONL file read on demand (by byte offset), encoded by a `SampleBuilder`:
     all of them, the first `limit`, or those of the given `clips` (in file order)."""
@@ -238,16 +242,19 @@ class JsonlDataset(Dataset):
         clips: list[str] | None = None,
     ):
         self.path, self.builder = Path(path), builder
-        self.offsets = []
+        self.offsets, self.line_numbers = [], []  # line numbers for errors
         wanted = set(clips) if clips is not None else None
         with self.path.open("rb") as handle:
             offset = 0
-            for line in handle:
-                if line.strip() and (wanted is None or json.loads(line)["video_id"] in wanted):
+            for number, line in enumerate(handle, start=1):
+                if line.strip() and (
+                    wanted is None or self._parsed(line, number)["video_id"] in wanted
+                ):
                     self.offsets.append(offset)
+                    self.line_numbers.append(number)
                 offset += len(line)
         if limit is not None:
-            self.offsets = self.offsets[:limit]
+            self.offsets, self.line_numbers = self.offsets[:limit], self.line_numbers[:limit]
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -255,14 +262,32 @@ class JsonlDataset(Dataset):
     def row(self, index: int) -> dict:
         with self.path.open("rb") as handle:
             handle.seek(self.offsets[index])
-            return json.loads(handle.readline())
+            return self._parsed(handle.readline(), self.line_numbers[index])
 
     def rows(self) -> Iterator[dict]:
         """Every row, in file order."""
         with self.path.open("rb") as handle:
-            for offset in self.offsets:
+            for offset, number in zip(self.offsets, self.line_numbers, strict=True):
                 handle.seek(offset)
-                yield json.loads(handle.readline())
+                yield self._parsed(handle.readline(), number)
+
+    def _parsed(self, line: bytes, number: int) -> dict:
+        """The row of one line, or an error naming the file and line: a line edited by hand
+        fails here, before training, not as a KeyError deep in a DataLoader worker."""
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.path} line {number}: not JSON ({error})") from None
+        missing = [field for field in ROW_FIELDS if field not in row]
+        turns = row.get("conversations")
+        if not missing and not (
+            isinstance(turns, list) and turns
+            and all(isinstance(t, dict) and {"from", "value"} <= set(t) for t in turns)
+        ):  # fmt: skip
+            missing = ["conversations[*].from/value"]
+        if missing:
+            raise ValueError(f"{self.path} line {number}: missing {', '.join(missing)}")
+        return row
 
     def token_lengths(self, chunk: int = 2048) -> list[int]:
         """Each sample's token count (see `SampleBuilder.token_lengths`), read in chunks."""

@@ -133,17 +133,17 @@ def prepare_checkpoint_dir(checkpoint_dir: Path, current: str) -> None:
 
 def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest checkpoint whose save finished; a half-written one is never resumed."""
-    complete = [
-        path
-        for path in checkpoint_dir.glob("checkpoint-*")
-        if (path / COMPLETE_MARKER).exists() and path.name.split("-")[-1].isdigit()
-    ]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return max(_complete(checkpoint_dir), key=_step, default=None)
 
 
 def _step(path: Path) -> int | None:
     suffix = path.name.split("-")[-1]
     return int(suffix) if path.name.startswith("checkpoint-") and suffix.isdigit() else None
+
+
+def _complete(checkpoint_dir: Path) -> list[Path]:
+    return [p for p in checkpoint_dir.glob("checkpoint-*")
+            if _step(p) is not None and (p / COMPLETE_MARKER).exists()]  # fmt: skip
 
 
 def set_aside_incomplete(checkpoint_dir: Path) -> list[Path]:
@@ -169,9 +169,7 @@ def rotate_checkpoints(checkpoint_dir: Path, keep: int | None) -> list[Path]:
     newest complete checkpoint is always among those kept."""
     if keep is None:
         return []
-    complete = sorted((p for p in checkpoint_dir.glob("checkpoint-*")
-                       if _step(p) is not None and (p / COMPLETE_MARKER).exists()),
-                      key=_step)  # fmt: skip
+    complete = sorted(_complete(checkpoint_dir), key=_step)
     old = complete[: max(len(complete) - keep, 0)]
     for path in old:
         # the marker first: a kill in the middle leaves a folder that no longer counts

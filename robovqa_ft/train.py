@@ -232,10 +232,12 @@ class CurriculumTrainer(Trainer):
         else:
             # a step with no labelled token (no sample fitted): zero loss, and the
             # optimizer skips it (`create_optimizer`)
-            loss = losses.sum() / max(num_items_in_batch, 1)
+            # (a tensor on the device: read once per step, in the optimizer's step)
+            tokens = torch.as_tensor(num_items_in_batch)
+            loss = losses.sum() / tokens.clamp(min=1)
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
-            self.step_tokens = int(num_items_in_batch)
+            self.step_tokens = tokens
         return (loss, {}) if return_outputs else loss
 
     step_tokens = 1  # the current step's labelled tokens (of this rank, or of all)
@@ -249,7 +251,7 @@ class CurriculumTrainer(Trainer):
         step = optimizer.step
 
         def step_unless_empty(*args, **kwargs):
-            if ranks.summed([self.step_tokens])[0] == 0:
+            if ranks.summed([float(self.step_tokens)])[0] == 0:
                 log.warning("step %d: no sample fits max_seq_len; the optimizer skips it",
                             self.state.global_step + 1)  # fmt: skip
                 return None

@@ -4,10 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format bench bench-gpu clean clean-results
+.PHONY: demo test faults lint format bench bench-gpu clean clean-results
 
 # The demo and the tests never touch the network: every model is built here.
-demo test: export HF_HUB_OFFLINE := 1
+demo test faults: export HF_HUB_OFFLINE := 1
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,19 @@ demo: $(STAMP)
 	@echo
 	$(BIN)/python -m robovqa_ft.readme_figures README.md demo/results/ablation/report.md
 
-# TensorFlow and torch must not share a process: one pytest run each.
+# TensorFlow and torch must not share a process: one pytest run each. The fault suite
+# (tests/faults/) is part of it, its kills at their default size.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests/data
-	$(BIN)/python -m pytest tests/training
+	$(BIN)/python -m pytest tests/data tests/faults/data
+	$(BIN)/python -m pytest tests/training tests/faults/training
+	$(BIN)/python -m pytest tests/faults/kills
+
+# The fault suite alone, at any size: FAULT_KILLS=100 FAULT_SEED=3 make faults (default
+# 20 kills, seed 0). A failure prints the FAULT_PLAN=... that replays it.
+faults: $(STAMP)
+	$(BIN)/python -m pytest tests/faults/data
+	$(BIN)/python -m pytest tests/faults/training
+	$(BIN)/python -m pytest -s tests/faults/kills
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

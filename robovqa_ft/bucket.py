@@ -24,6 +24,8 @@ import google_crc32c
 from tqdm import tqdm
 
 from robovqa_ft.files import atomic_open
+from robovqa_ft.records import not_a_tfrecord
+from robovqa_ft.space import disk_full, is_disk_full, require_free_space, size_text
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,13 @@ def local_shards(root: Path | str) -> list[Shard]:
             f"no shards in {root}: expected files matching {root}/train/train* and "
             f"{root}/val/val* (the layout of {DEFAULT_SOURCE})"
         )
+    # A README, .DS_Store or stats file beside the shards is harmless: said, not fatal.
+    listed = {Path(s.path) for s in shards}
+    ignored = [f"{split}/{path.name}" for split in SPLITS if (root / split).is_dir()
+               for path in sorted((root / split).iterdir()) if path not in listed]  # fmt: skip
+    if ignored:
+        log.warning("%s: ignored %d entries not named like shards (train/train*, val/val*) or "
+                    "half-copied: %s", root, len(ignored), ", ".join(ignored))  # fmt: skip
     return shards
 
 
@@ -178,9 +187,11 @@ def download_gcs(
     if not blobs:
         raise BucketError(f"gs://{name}/{prefix} has no objects under train/train* or val/val*")
 
+    def local(blob: Any) -> Path:
+        return dest / Path(blob.name).parent.name / Path(blob.name).name
+
     def fetch(blob: Any) -> Shard:
-        split = Path(blob.name).parent.name
-        path = dest / split / Path(blob.name).name
+        split, path = Path(blob.name).parent.name, local(blob)
         if is_complete(path, blob.size, blob.crc32c):
             log.info("%s: already complete, not fetched again", path)
         else:
@@ -190,11 +201,28 @@ def download_gcs(
 
     total = sum(blob.size for blob in blobs)
     log.info("gs://%s/%s: %d shards, %.1f GB", name, prefix, len(blobs), total / 1e9)
+    # Checked once, before the first byte. Still to fetch: what the listing says the shards
+    # weigh, less those here at their listed size (their CRC-32C is checked below) and
+    # the bytes of a `.part`, which is resumed. Their frames follow on the same results/
+    # disk, estimated at the shards' own size: the shards hold little but JPEG frames,
+    # which extraction re-encodes at frame_size, no larger where frame_size and
+    # jpeg_quality are no higher than the source's. Frames of the shards already here
+    # are not counted: `--forcerun download` re-lists a download whose frames exist.
+    missing = sum(_bytes_to_fetch(local(blob), blob.size) for blob in blobs)
+    require_free_space(dest, 2 * missing, f"the download of {size_text(missing)} and its frames")
     with (
         tqdm(total=total, unit="B", unit_scale=True, desc="download", mininterval=5) as progress,
         ThreadPoolExecutor(max(1, workers)) as pool,
     ):
         return list(pool.map(fetch, blobs))
+
+
+def _bytes_to_fetch(path: Path, size: int) -> int:
+    """What fetching the object of `size` bytes to `path` adds, as `_fetch_rest` resumes."""
+    part = path.with_name(path.name + ".part")
+    if path.is_file() and path.stat().st_size == size:
+        return 0
+    return size - part.stat().st_size if part.is_file() and part.stat().st_size <= size else size
 
 
 def _download(blob: Any, path: Path, endpoint: str, patience: Patience) -> None:
@@ -216,6 +244,9 @@ def _download(blob: Any, path: Path, endpoint: str, patience: Patience) -> None:
             part.replace(path)
             return
         except Exception as error:  # transport, checksum, API: all worth another try
+            if is_disk_full(error):  # but not a full disk
+                raise disk_full(part, "a shard", "complete shards are kept, and this one "
+                                "resumes from what its .part holds") from error  # fmt: skip
             if attempt == patience.attempts:
                 raise BucketError(
                     f"gs://{blob.bucket.name}/{blob.name} at {endpoint}: {attempt} attempts "
@@ -276,8 +307,22 @@ def prepare_source(
         shards = local_shards(root)
     else:
         shards = local_shards(source)  # used in place, never copied
+    refuse_non_tfrecords(source, shards)
     write_manifest(manifest, shards)
     for split in SPLITS:
         chosen = [s for s in shards if s.split == split]
         log.info("%s: %d shards, %.2f GB", split, len(chosen), sum(s.bytes for s in chosen) / 1e9)
     return shards
+
+
+def refuse_non_tfrecords(source: str, shards: list[Shard]) -> None:
+    """Stop before any extraction when a file named like a shard is not a TFRecord (a
+    `train-stats.json`, a copy cut short to nothing), naming every such file."""
+    bad = [f"{s.path} ({why})" for s in shards if (why := not_a_tfrecord(s.path))]
+    if bad:
+        raise BucketError(
+            f"source {source}: {len(bad)} files named like shards are not TFRecord files: "
+            f"{'; '.join(bad)}. Nothing was extracted. Move them out of the split folders, "
+            "or replace them with good copies of the shards (from a gs:// source they are "
+            "the bucket's own objects: copy its good shards to a folder and use that)"
+        )

@@ -113,7 +113,8 @@ def fingerprint(settings: dict, inputs: list[Path | str]) -> str:
 
 
 def prepare_checkpoint_dir(checkpoint_dir: Path, current: str) -> None:
-    """Move checkpoints of another configuration or data aside, so they are never resumed."""
+    """Move checkpoints of another configuration or data aside, so they are never resumed,
+    with the fingerprint they were written under, so that moving them back resumes them."""
     stored = checkpoint_dir / FINGERPRINT_FILE
     old = json.loads(stored.read_text())["fingerprint"] if stored.exists() else None
     checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"))
@@ -123,9 +124,15 @@ def prepare_checkpoint_dir(checkpoint_dir: Path, current: str) -> None:
         )
         for path in checkpoints:
             path.rename(aside / path.name)
+        if stored.exists():
+            shutil.copy2(stored, aside / FINGERPRINT_FILE)
         log.warning(
-            "configuration or data changed since these checkpoints were written: moved %d to %s",
-            len(checkpoints), aside,
+            "configuration or data changed since the checkpoints in %s were written: moved "
+            "%d to %s, and this run starts from step 0. Delete that folder when you no longer "
+            "need it. To resume them instead: stop this run, put back the settings and data "
+            "they were written with, delete the checkpoints this run wrote, and move "
+            "everything in that folder back into %s",
+            checkpoint_dir, len(checkpoints), aside, checkpoint_dir,
         )  # fmt: skip
     with atomic_open(stored) as handle:
         json.dump({"fingerprint": current}, handle)

@@ -40,7 +40,7 @@ from robovqa_ft.checkpoints import fingerprint
 from robovqa_ft.files import atomic_open, write_json_atomic
 from robovqa_ft.journal import Journal
 from robovqa_ft.loss import labelled_token_losses, turn_sums
-from robovqa_ft.model import load_model, load_processor, model_family
+from robovqa_ft.model import check_adapter, load_model, load_processor, model_family
 from robovqa_ft.samples import JsonlDataset, SampleBuilder, clip_order, pad_batch, split_counters
 
 log = logging.getLogger(__name__)
@@ -408,6 +408,8 @@ def evaluate_run(
     Finished batches are kept in `eval_progress.jsonl` beside eval.json until it is
     written: a rerun after a kill continues after the last of them.
     """
+    if adapter_dir is not None:  # before any model loads
+        check_adapter(adapter_dir, model["name"])
     started = time.monotonic()
     outputs = {k: Path(v) for k, v in outputs.items()}
     torch.manual_seed(evaluation["seed"])

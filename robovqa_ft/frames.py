@@ -25,6 +25,7 @@ from tqdm import tqdm
 from robovqa_ft.files import atomic_open
 from robovqa_ft.qa import parse_qa_text
 from robovqa_ft.records import decode_sequence_example, iter_tfrecord
+from robovqa_ft.space import named_if_full
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,16 @@ def extract_shard(
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
     staging.mkdir(parents=True)
     draft_index = staging / "index.jsonl"
+    kept = "nothing of this shard was published, and finished shards are kept"
     try:
-        summary = _extract_to_staging(
-            shard_path, shard, staging, draft_index, tuple(frame_size), frames_per_clip,
-            jpeg_quality,
-        )  # fmt: skip
-        taken = _publish(staging, images_dir, shard)
-        _write_index(draft_index, index_path, taken, summary)
+        with named_if_full(staging, f"the frames of shard {shard} to", kept):
+            summary = _extract_to_staging(
+                shard_path, shard, staging, draft_index, tuple(frame_size), frames_per_clip,
+                jpeg_quality,
+            )  # fmt: skip
+            taken = _publish(staging, images_dir, shard)
+        with named_if_full(index_path, f"the index of shard {shard}", "finished shards are kept"):
+            _write_index(draft_index, index_path, taken, summary)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     counts = (summary.records, summary.clips, dict(summary.skipped))
@@ -248,8 +252,10 @@ def _publish(staging: Path, images_dir: Path, shard: str) -> dict[str, str]:
     """
     images_dir.mkdir(parents=True, exist_ok=True)
     taken = {}
-    for clip_dir in (d for d in staging.iterdir() if d.is_dir()):
+    clip_dirs = [d for d in staging.iterdir() if d.is_dir()]
+    for clip_dir in clip_dirs:  # every write before the first rename: a full disk publishes none
         (clip_dir / OWNER_FILE).write_text(shard, encoding="utf-8")
+    for clip_dir in clip_dirs:
         target = images_dir / clip_dir.name
         for _ in range(3):
             try:

@@ -18,6 +18,7 @@ from robovqa_ft.bucket import SPLITS
 from robovqa_ft.files import atomic_open, write_json_atomic
 from robovqa_ft.frames import clip_frame_paths
 from robovqa_ft.qa import FAMILIES, answer_type
+from robovqa_ft.space import named_if_full
 
 log = logging.getLogger(__name__)
 
@@ -147,18 +148,27 @@ def build_jsonl(
     )
     kept = select_subset(splits, subset_ratio, split_seed)
     stats = {s: _empty_split_stats() for s in SPLITS}
+    # A full disk names the file it hit: while writing a line, or at the close that
+    # flushes what its buffer held (hence a name around each file's atomic_open too).
+    written = "the curriculum file"
     with ExitStack() as stack:  # an error leaves none of the four files
-        files = {key: stack.enter_context(atomic_open(path)) for key, path in outputs.items()}
+        files = {}
+        for key, path in outputs.items():
+            stack.enter_context(named_if_full(path, written))
+            files[key] = stack.enter_context(atomic_open(path))
+
+        def write(key: str, line: dict) -> None:
+            with named_if_full(outputs[key], written):
+                files[key].write(json.dumps(line, ensure_ascii=False) + "\n")
+
         for clip in clips:
             target = kept.get(clip["video_id"])
             if target is None:
                 continue
             images = clip_frame_paths(clip["video_id"], frames_per_clip)
             for line in stage1_lines(clip, images):
-                files[f"stage1_{target}"].write(json.dumps(line, ensure_ascii=False) + "\n")
-            files[f"stage2_{target}"].write(
-                json.dumps(stage2_line(clip, images), ensure_ascii=False) + "\n"
-            )
+                write(f"stage1_{target}", line)
+            write(f"stage2_{target}", stage2_line(clip, images))
             _count(stats[target], clip)
     qa_skipped = sum((Counter(c["qa_skipped"]) for c in clips), Counter())
     metadata = {
@@ -186,7 +196,8 @@ def build_jsonl(
         },
         "splits": {s: _finish_split_stats(v) for s, v in stats.items()},
     }
-    write_json_atomic(metadata_path, metadata)
+    with named_if_full(metadata_path, "the data's metadata"):
+        write_json_atomic(metadata_path, metadata)
     log.info("\n%s", describe(metadata))
     return metadata
 

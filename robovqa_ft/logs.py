@@ -7,8 +7,9 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stderr
+from contextlib import contextmanager, redirect_stderr, suppress
 from pathlib import Path
+from typing import IO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -23,7 +24,7 @@ def log_to(path: Path | str) -> Iterator[None]:
     sys.stderr.flush()
     terminal_fd = os.dup(2)
     with (
-        open(path, "a", encoding="utf-8", buffering=1) as stream,
+        _closed_quietly(open(path, "a", encoding="utf-8", buffering=1)) as stream,
         os.fdopen(terminal_fd, "w", encoding="utf-8", buffering=1) as terminal,
     ):
         os.dup2(stream.fileno(), 2)  # TensorFlow's C++ start-up chatter goes to the log
@@ -46,9 +47,22 @@ def log_to(path: Path | str) -> Iterator[None]:
             raise
         except Exception as error:
             logging.getLogger("robovqa_ft").error("%s (traceback in %s)", error, path)
-            stream.write("".join(traceback.format_exception(error)))
+            with suppress(OSError):  # a full disk: the error still reaches the terminal
+                stream.write("".join(traceback.format_exception(error)))
             raise
         finally:
-            stream.flush()
+            with suppress(OSError):
+                stream.flush()
             os.dup2(terminal.fileno(), 2)
             logging.basicConfig(force=True)
+
+
+@contextmanager
+def _closed_quietly(stream: IO[str]) -> Iterator[IO[str]]:
+    """`stream`, closed at the end even when the disk is full: what its buffer still held
+    is lost, rather than the job's own error replaced by the log's."""
+    try:
+        yield stream
+    finally:
+        with suppress(OSError):
+            stream.close()

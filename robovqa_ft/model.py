@@ -6,6 +6,7 @@ Everything that differs between model families (InternVL, Qwen2.5-VL, Qwen3-VL) 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -170,11 +171,55 @@ def _output_in_input_dtype(module: Any, args: tuple, kwargs: dict, output: Any) 
     return output
 
 
+def check_adapter(
+    adapter_dir: str | Path, model_name: str | Path, r: int | None = None, alpha: int | None = None
+) -> None:
+    """Refuse, from its files alone (so before any model loads), an adapter trained on
+    another model than `model_name`, whose weights would not fit it; and, given the
+    config's LoRA `r` and `alpha` (an adapter to train on), one of another rank or alpha,
+    which peft would keep, so that the config would misstate the run."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise ValueError(f"{adapter_dir} is not a LoRA adapter folder: it has no {path.name}")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    trained_on = saved.get("base_model_name_or_path")
+    if trained_on is not None and not _same_model(trained_on, model_name):
+        raise ValueError(
+            f"adapter {adapter_dir} was trained on {trained_on}, but model.name is "
+            f"{model_name}: an adapter fits only its own model. Use one trained on "
+            f"{model_name}, or set model.name to {trained_on}; if that is this model in "
+            f"another place, set base_model_name_or_path in {path} to {model_name}"
+        )
+    if r is not None and (saved.get("r"), saved.get("lora_alpha")) != (r, alpha):
+        raise ValueError(
+            f"init adapter {adapter_dir} has LoRA r={saved.get('r')}, "
+            f"alpha={saved.get('lora_alpha')}, but the config's lora section has r={r}, "
+            f"alpha={alpha}: set lora.r and lora.alpha to the adapter's, or use an adapter "
+            "trained with the config's"
+        )
+
+
+def _same_model(trained_on: str, configured: str | Path) -> bool:
+    """The same name, or two folders of one architecture (a model copied elsewhere)."""
+    if trained_on == str(configured):
+        return True
+    configs = [Path(name) / "config.json" for name in (trained_on, configured)]
+    if not all(config.is_file() for config in configs):
+        return False
+    ignored = ("_name_or_path", "transformers_version")
+    first, second = (
+        {k: v for k, v in json.loads(c.read_text(encoding="utf-8")).items() if k not in ignored}
+        for c in configs
+    )
+    return first == second
+
+
 def attach_lora(
     model: Any, r: int, alpha: int, dropout: float, init_adapter: str | Path | None = None
 ) -> PeftModel:
     """LoRA on the language model's linear layers: fresh, or continued from `init_adapter`."""
     if init_adapter is not None:
+        check_adapter(init_adapter, model.name_or_path, r, alpha)
         log.info("LoRA continued from %s (trainable)", init_adapter)
         peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:

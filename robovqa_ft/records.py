@@ -42,6 +42,21 @@ def _read_exact(stream: BinaryIO, size: int, shard: Path, offset: int, what: str
     return data
 
 
+def not_a_tfrecord(path: Path | str) -> str | None:
+    """Why `path` is not a TFRecord file, judged by its first record's length and the
+    length's CRC (12 bytes, so every shard of a source is checked before any is read);
+    None when it starts like one."""
+    with Path(path).open("rb") as stream:
+        header = stream.read(12)
+    if not header:
+        return "it is empty"
+    if len(header) < 12:
+        return f"it is {len(header)} bytes long, shorter than one record's header"
+    if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
+        return "its first 12 bytes are not a record length and its CRC"
+    return None
+
+
 def iter_tfrecord(path: Path | str) -> Iterator[tuple[int, bytes]]:
     """Yield (byte offset, payload) of each record of a TFRecord file, checking both CRCs."""
     path = Path(path)

@@ -9,13 +9,14 @@ Trainer; resume or start; save the adapter atomically.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from robovqa_ft import ranks
 from robovqa_ft.checkpoints import (
     COMPLETE_MARKER,
+    _complete,
     exclusive_lock,
     fingerprint,
     latest_complete_checkpoint,
@@ -38,7 +40,8 @@ from robovqa_ft.checkpoints import (
 from robovqa_ft.files import atomic_directory, atomic_open, write_json_atomic
 from robovqa_ft.launch import per_rank_accumulation
 from robovqa_ft.loss import labelled_token_losses, loss_sums
-from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
+from robovqa_ft.memory import MemoryGuard
+from robovqa_ft.model import attach_lora, check_adapter, load_model, load_processor, model_family
 from robovqa_ft.samples import (
     JsonlDataset,
     SampleBuilder,
@@ -48,8 +51,11 @@ from robovqa_ft.samples import (
     real_tokens,
     split_counters,
 )
+from robovqa_ft.space import named_if_full, require_free_space, training_bytes
 
 log = logging.getLogger(__name__)
+
+KEPT_ON_FULL_CHECKPOINT = "the last complete checkpoint stays the one a rerun resumes"
 
 
 class CrashSafety(TrainerCallback):
@@ -89,9 +95,10 @@ class CrashSafety(TrainerCallback):
         if ranks.world().is_main:
             folder = self.checkpoint_dir / f"checkpoint-{state.global_step}"
             files = sorted(p.name for p in folder.iterdir())
-            (folder / COMPLETE_MARKER).write_text(
-                time.strftime("%Y-%m-%d %H:%M:%S\n") + "".join(f"{f}\n" for f in files)
-            )
+            with named_if_full(folder, "a checkpoint", KEPT_ON_FULL_CHECKPOINT):
+                (folder / COMPLETE_MARKER).write_text(
+                    time.strftime("%Y-%m-%d %H:%M:%S\n") + "".join(f"{f}\n" for f in files)
+                )
             log.info("checkpoint saved: step=%d", state.global_step)
             # The project rotates, not the Trainer: after the marker, complete ones only.
             rotate_checkpoints(self.checkpoint_dir, self.keep)
@@ -183,7 +190,11 @@ class MetricsLog(TrainerCallback):
 
 def _append(path: Path, fields: list[str], row: dict) -> None:
     new = not path.exists()
-    with path.open("a", newline="", encoding="utf-8") as handle:
+    kept = "a rerun drops the row cut short and resumes from the last complete checkpoint"
+    with (
+        named_if_full(path, "the metrics", kept),
+        path.open("a", newline="", encoding="utf-8") as handle,
+    ):
         writer = csv.DictWriter(handle, fields)
         if new:
             writer.writeheader()
@@ -191,12 +202,16 @@ def _append(path: Path, fields: list[str], row: dict) -> None:
 
 
 def _keep_rows_up_to(path: Path, fields: list[str], step: int) -> None:
-    """Drop rows past the resumed step: they will be logged again."""
+    """Drop rows past the resumed step: they will be logged again. So is a last row
+    that a full disk or a kill cut short (it lacks its line end), which could read as
+    another step (12 cut to 1) or not at all."""
     if not path.exists():
         return
-    with path.open(encoding="utf-8") as handle:
-        rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
-    with atomic_open(path) as handle:
+    with path.open(encoding="utf-8", newline="") as handle:
+        text = handle.read()
+    whole = io.StringIO(text[: text.rfind("\n") + 1])
+    rows = [r for r in csv.DictReader(whole) if int(r["step"]) <= step]
+    with named_if_full(path, "the metrics"), atomic_open(path) as handle:
         writer = csv.DictWriter(handle, fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
@@ -241,6 +256,13 @@ class CurriculumTrainer(Trainer):
         return (loss, {}) if return_outputs else loss
 
     step_tokens = 1  # the current step's labelled tokens (of this rank, or of all)
+
+    def _save_checkpoint(self, model, trial):
+        # The Trainer's writes (weights, optimizer, RNG, state) in one place, named as
+        # the folder they fill: a full disk leaves it without its completion marker.
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        with named_if_full(folder, "a checkpoint", KEPT_ON_FULL_CHECKPOINT):
+            super()._save_checkpoint(model, trial)
 
     def create_optimizer(self, model=None):
         """The optimizer, skipping a step in which no rank has a labelled token: every
@@ -320,7 +342,8 @@ def _also_logged_to(path: Path) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
-        handler.close()
+        with suppress(OSError):  # on a full disk, the lines it could not write are lost,
+            handler.close()  # not the run's own error (its close would raise in its place)
 
 
 def train_run(
@@ -354,6 +377,8 @@ def train_run(
             f"training.padding 'packed' needs 1-D rotary positions (InternVL); {model['name']} "
             "uses 3-D ones: use 'grouped' instead"
         )
+    if init_adapter is not None:  # before anything loads, locks or moves
+        check_adapter(init_adapter, model["name"], lora["r"], lora["alpha"])
     me = ranks.world()
     per_rank_accumulation(stage["grad_accum"], me.size)  # before anything loads
     ranks.start(training["hang_timeout_minutes"])
@@ -387,6 +412,16 @@ def train_run(
             model["gradient_checkpointing"], model.get("max_memory_gb"),
         )  # fmt: skip
         peft_model = attach_lora(base, lora["r"], lora["alpha"], lora["dropout"], init_adapter)
+        if me.is_main:  # once, before the first checkpoint: see `training_bytes`
+            trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            keep, complete = training["save_total_limit"], len(_complete(checkpoint_dir))
+            aside = [*checkpoint_dir.glob("incomplete-*"), *checkpoint_dir.glob("stale-*")]
+            require_free_space(
+                checkpoint_dir, training_bytes(trainable, keep, complete),
+                f"the checkpoints and adapter of run {run_dir.name} ({trainable:,} trainable "
+                "parameters: LoRA weights and AdamW's two moments, in fp32)",
+                f" (the set-aside {', '.join(map(str, aside))} can go)" if aside else "",
+            )  # fmt: skip
         builder = SampleBuilder(
             processor, family, images_dir, stage["max_frames"], stage["max_seq_len"]
         )
@@ -410,7 +445,8 @@ def train_run(
         safety = CrashSafety(
             checkpoint_dir, training["save_every_minutes"], training["save_total_limit"]
         )
-        for callback in (safety, trainer.metrics, SamplerEpoch(sampler)):
+        guard = MemoryGuard(model, stage, checkpoint_dir)
+        for callback in (safety, trainer.metrics, SamplerEpoch(sampler), guard):
             trainer.add_callback(callback)
         if resume:
             log.info("Resumed from checkpoint: step=%d (%s)", resumed_step, resume)
@@ -420,10 +456,16 @@ def train_run(
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         finally:
             signal.signal(signal.SIGTERM, safety.previous_handler)
+        if guard.stop_message:  # agreed by every rank, after the checkpoint was saved
+            raise SystemExit(guard.stop_message)
         if safety.stopped:  # a SIGTERM after the last step stops nothing: the run is done
             raise SystemExit(f"stopped by SIGTERM; resume from {checkpoint_dir} by re-running")
         if me.is_main:
-            with atomic_directory(adapter_dir) as tmp:
+            kept = "the checkpoints are kept: a rerun resumes the last one and saves the adapter"
+            with (
+                named_if_full(adapter_dir, "the adapter", kept),
+                atomic_directory(adapter_dir) as tmp,
+            ):
                 peft_model.save_pretrained(tmp)
             log.info("adapter written to %s", adapter_dir)
         ranks.barrier()

@@ -9,6 +9,7 @@ HERE = Path(__file__).parent
 
 
 def pytest_collection_modifyitems(config, items):
-    folders = {Path(item.fspath).relative_to(HERE).parts[0] for item in items}
+    # tests/data, tests/training, and the fault suite's tests/faults/{data,training}
+    folders = {part for item in items for part in Path(item.fspath).relative_to(HERE).parts}
     if {"data", "training"} <= folders:
         pytest.exit("run tests/data and tests/training in separate pytest processes (make test)", 2)

@@ -5,13 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from robovqa_ft.bucket import (
-    BucketError,
-    local_shards,
-    parse_gcs_uri,
-    prepare_source,
-    read_manifest,
-)
+from robovqa_ft.bucket import BucketError, parse_gcs_uri, prepare_source, read_manifest
+from robovqa_ft.demo_bucket import write_tfrecord
 
 
 def test_review_bucket_is_an_alias_of_the_public_one():
@@ -22,27 +17,20 @@ def test_review_bucket_is_an_alias_of_the_public_one():
 
 
 def test_local_source_is_used_in_place(tmp_path):
-    names = ("train/train-0", "train/train-1", "val/val-0", "train/README", "val/val-1_.gstmp")
-    for name in names:
-        (tmp_path / name).parent.mkdir(exist_ok=True)
+    for name in ("train/train-0", "train/train-1", "val/val-0"):
+        write_tfrecord(tmp_path / name, [b"1234"])  # one record: 4 bytes and 16 of framing
+    for name in ("train/README", "val/val-1_.gstmp"):
         (tmp_path / name).write_bytes(b"1234")
     manifest = tmp_path / "out" / "shards.tsv"
     shards = prepare_source(str(tmp_path), manifest, tmp_path / "dl", workers=1, demo={})
     assert read_manifest(manifest) == shards
     assert [(s.split, s.shard, s.bytes) for s in shards] == [
-        ("train", "train-0", 4),
-        ("train", "train-1", 4),
-        ("val", "val-0", 4),
+        ("train", "train-0", 20),
+        ("train", "train-1", 20),
+        ("val", "val-0", 20),
     ]
     assert all(Path(s.path).parent.parent == tmp_path for s in shards)
     assert not (tmp_path / "dl").exists()
-
-
-def test_local_source_without_shards_is_a_clear_error(tmp_path):
-    with pytest.raises(BucketError, match=r"train/train\*"):
-        local_shards(tmp_path)
-    with pytest.raises(BucketError, match="not a folder"):
-        local_shards(tmp_path / "missing")
 
 
 def test_demo_source_generates_a_bucket(tmp_path):

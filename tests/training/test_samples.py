@@ -15,7 +15,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from robovqa_ft.model import FAMILIES, attach_lora, load_model, load_processor, model_family
+from robovqa_ft.model import FAMILIES, attach_lora, load_model, load_processor
 from robovqa_ft.random_model import IMAGENET_MEAN, IMAGENET_STD, build_tiny_internvl
 from robovqa_ft.samples import (
     IGNORE_INDEX,
@@ -628,27 +628,3 @@ def test_a_micro_batch_in_which_nothing_fits_becomes_one_that_teaches_nothing(pa
     assert counters == {"samples": 0, "dropped_turns": 0, "skipped_samples": 3}
     assert inputs["input_ids"].tolist() == [[7]]
     assert (inputs["labels"] == IGNORE_INDEX).all()
-
-
-def test_a_hand_edited_line_is_named_by_file_and_line(tiny_setup, tmp_path):
-    lines = tiny_setup["stage1_train"].read_text().splitlines()
-    broken = json.loads(lines[2])
-    del broken["images"]
-    path = tmp_path / "edited.jsonl"
-    path.write_text("\n".join([lines[0], lines[1], json.dumps(broken), "{not json"]) + "\n")
-    builder = SampleBuilder(
-        load_processor(tiny_setup["model"]), model_family(tiny_setup["model"]),
-        tiny_setup["images"], 4, 512,
-    )  # fmt: skip
-    dataset = JsonlDataset(path, builder)
-    assert dataset.row(0)["id"] == json.loads(lines[0])["id"]
-    with pytest.raises(ValueError, match=f"{path} line 3: missing images"):
-        dataset.row(2)
-    with pytest.raises(ValueError, match=f"{path} line 4: not JSON"):
-        dataset.row(3)
-    with pytest.raises(ValueError, match="line 3: missing images"):
-        JsonlDataset(path, builder, clips=["x"])  # the clip filter reads every line
-    no_turns = {**json.loads(lines[0]), "conversations": [{"from": "human"}]}
-    path.write_text(json.dumps(no_turns) + "\n")
-    with pytest.raises(ValueError, match="line 1: missing conversations"):
-        JsonlDataset(path, builder).row(0)

@@ -140,7 +140,7 @@ def prepare_checkpoint_dir(checkpoint_dir: Path, current: str) -> None:
 
 def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest checkpoint whose save finished; a half-written one is never resumed."""
-    return max(_complete(checkpoint_dir), key=_step, default=None)
+    return max(complete_checkpoints(checkpoint_dir), key=_step, default=None)
 
 
 def _step(path: Path) -> int | None:
@@ -148,7 +148,8 @@ def _step(path: Path) -> int | None:
     return int(suffix) if path.name.startswith("checkpoint-") and suffix.isdigit() else None
 
 
-def _complete(checkpoint_dir: Path) -> list[Path]:
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The checkpoints with their completion marker, in no order."""
     return [p for p in checkpoint_dir.glob("checkpoint-*")
             if _step(p) is not None and (p / COMPLETE_MARKER).exists()]  # fmt: skip
 
@@ -176,7 +177,7 @@ def rotate_checkpoints(checkpoint_dir: Path, keep: int | None) -> list[Path]:
     newest complete checkpoint is always among those kept."""
     if keep is None:
         return []
-    complete = sorted(_complete(checkpoint_dir), key=_step)
+    complete = sorted(complete_checkpoints(checkpoint_dir), key=_step)
     old = complete[: max(len(complete) - keep, 0)]
     for path in old:
         # the marker first: a kill in the middle leaves a folder that no longer counts

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from robovqa_ft.checkpoints import complete_checkpoints
+
 log = logging.getLogger(__name__)
 
 # A write that found no room: a full file system, or the user's quota on it.
@@ -97,6 +99,21 @@ def training_bytes(trainable: int, keep: int | None, complete: int) -> int:
     checkpoints = 1 if keep is None else max(keep + 1 - complete, 1)
     per_checkpoint = trainable * CHECKPOINT_BYTES_PER_PARAMETER
     return checkpoints * per_checkpoint + trainable * ADAPTER_BYTES_PER_PARAMETER
+
+
+def require_training_space(
+    checkpoint_dir: Path, trainable: int, keep: int | None, run: str
+) -> None:
+    """Stop before a training's first checkpoint when what it will still write
+    (`training_bytes`) does not fit beside its checkpoints."""
+    complete = len(complete_checkpoints(checkpoint_dir))
+    aside = [*checkpoint_dir.glob("incomplete-*"), *checkpoint_dir.glob("stale-*")]
+    require_free_space(
+        checkpoint_dir, training_bytes(trainable, keep, complete),
+        f"the checkpoints and adapter of run {run} ({trainable:,} trainable parameters: "
+        "LoRA weights and AdamW's two moments, in fp32)",
+        f" (the set-aside {', '.join(map(str, aside))} can go)" if aside else "",
+    )  # fmt: skip
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -23,13 +23,14 @@ from typing import Any
 
 import torch
 import yaml
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from robovqa_ft import ranks
 from robovqa_ft.checkpoints import (
     COMPLETE_MARKER,
-    _complete,
     exclusive_lock,
     fingerprint,
     latest_complete_checkpoint,
@@ -51,7 +52,7 @@ from robovqa_ft.samples import (
     real_tokens,
     split_counters,
 )
-from robovqa_ft.space import named_if_full, require_free_space, training_bytes
+from robovqa_ft.space import named_if_full, require_training_space
 
 log = logging.getLogger(__name__)
 
@@ -412,16 +413,11 @@ def train_run(
             model["gradient_checkpointing"], model.get("max_memory_gb"),
         )  # fmt: skip
         peft_model = attach_lora(base, lora["r"], lora["alpha"], lora["dropout"], init_adapter)
-        if me.is_main:  # once, before the first checkpoint: see `training_bytes`
+        if me.is_main:  # once, before the first checkpoint
             trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-            keep, complete = training["save_total_limit"], len(_complete(checkpoint_dir))
-            aside = [*checkpoint_dir.glob("incomplete-*"), *checkpoint_dir.glob("stale-*")]
-            require_free_space(
-                checkpoint_dir, training_bytes(trainable, keep, complete),
-                f"the checkpoints and adapter of run {run_dir.name} ({trainable:,} trainable "
-                "parameters: LoRA weights and AdamW's two moments, in fp32)",
-                f" (the set-aside {', '.join(map(str, aside))} can go)" if aside else "",
-            )  # fmt: skip
+            require_training_space(
+                checkpoint_dir, trainable, training["save_total_limit"], run_dir.name
+            )
         builder = SampleBuilder(
             processor, family, images_dir, stage["max_frames"], stage["max_seq_len"]
         )
@@ -453,7 +449,15 @@ def train_run(
         else:
             log.info("Starting from step 0: no complete checkpoint in %s", checkpoint_dir)
         try:
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            if resume and resumed_step >= total_steps(sampler, stage, training):
+                # Resumed at its last step, the Trainer would take one more before it stops.
+                log.info("checkpoint-%d is the run's last step: the adapter is its weights",
+                         resumed_step)  # fmt: skip
+                set_peft_model_state_dict(
+                    peft_model, load_file(str(resume / "adapter_model.safetensors"))
+                )
+            else:
+                trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         finally:
             signal.signal(signal.SIGTERM, safety.previous_handler)
         if guard.stop_message:  # agreed by every rank, after the checkpoint was saved
@@ -507,6 +511,13 @@ def training_order(
             "epoch's shuffle are left out", sampler.steps, step, len(train_set) - len(sampler),
         )  # fmt: skip
     return sampler
+
+
+def total_steps(sampler: StepSampler, stage: dict, training: dict) -> int:
+    """The optimizer steps of the whole run, as the Trainer counts them."""
+    if training["max_steps"] > 0:
+        return training["max_steps"]
+    return math.ceil(stage["epochs"] * sampler.steps)
 
 
 def training_arguments(

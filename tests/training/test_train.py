@@ -163,6 +163,20 @@ def test_training_killed_with_sigkill_resumes_to_the_same_adapter(tiny_setup, tm
     assert steps == list(range(1, 17)), "rows past the checkpoint are logged once, not twice"
 
 
+def test_a_run_killed_after_its_last_checkpoint_writes_that_adapter_and_steps_no_further(
+    tiny_setup, tmp_path
+):
+    # 4 of an epoch's 6 steps: the Trainer, resumed at its last step, would take a fifth
+    out = tmp_path / "run"
+    expected = adapter_weights(run(tiny_setup, out, max_steps=4, save_steps=2))
+    shutil.rmtree(out / "adapter")  # as a kill after checkpoint-4, before the adapter
+    assert max_difference(adapter_weights(run(tiny_setup, out, max_steps=4, save_steps=2)),
+                          expected) == 0  # fmt: skip
+    assert complete_checkpoints(out / "checkpoints") == [2, 4]
+    assert [int(r["step"]) for r in csv_rows(out / "train_metrics.csv")] == [1, 2, 3, 4]
+    assert "checkpoint-4 is the run's last step" in (out / "training.log").read_text()
+
+
 def test_sigterm_saves_a_checkpoint_then_stops(tiny_setup, tmp_path):
     process = start_training(tiny_setup, tmp_path, max_steps=400, save_steps=1000)
     wait_for(tmp_path / "train_metrics.csv", process)

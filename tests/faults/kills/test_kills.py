@@ -7,7 +7,8 @@ tiny model's build, each training while stepping and while saving (every trainin
 one process, stage 1 again on two), evaluation and the report. A kill point is the k-th
 event of a stage (inject/sitecustomize.py: a file opened for writing, a rename into
 place, a folder made, under results/); the seed draws them from an uninterrupted run's
-event counts, and a failure prints the plan that replays it (FAULT_PLAN=...).
+event counts; one job runs at a time, so that a plan replays exactly, and a failure
+prints the command that replays it (FAULT_PLAN=...).
 
 `make faults` runs it at any size: FAULT_KILLS=100 FAULT_SEED=3 make faults. `make test`
 runs FAULT_KILLS=20, FAULT_SEED=0.
@@ -78,8 +79,17 @@ def kill_plan(
     ]
 
 
-def replay_line(plan: list[tuple[str, int]]) -> str:
-    return "FAULT_PLAN=" + repr(";".join(f"{stage}={k}" for stage, k in plan))
+def planned(counts: dict[str, int], stages: tuple[str, ...], kills: int, seed: int):
+    """The seeded plan, or the one FAULT_PLAN replays."""
+    if os.environ.get("FAULT_PLAN"):
+        points = os.environ["FAULT_PLAN"].split(";")
+        return [(stage, int(k)) for stage, k in (point.rsplit("=", 1) for point in points)]
+    return kill_plan(counts, stages, kills, random.Random(seed))
+
+
+def replay_line(plan: list[tuple[str, int]], test: str) -> str:
+    points = ";".join(f"{stage}={k}" for stage, k in plan)
+    return f"FAULT_PLAN={points!r} .venv/bin/python -m pytest -s {Path(__file__).parent} -k {test}"
 
 
 class Workflow:
@@ -112,11 +122,13 @@ class Workflow:
         ]
 
     def run(self, plan: list[tuple[str, int]], log: Path) -> int:
-        """The workflow once, until it ends or a kill point kills it: its exit status."""
+        """The workflow once, until it ends or a kill point kills it: its exit status.
+        One job at a time (`--cores 1`), so that a stage's k-th event is always the same
+        one and a plan replays exactly."""
         env = {**self.env, "ROBOVQA_FAULT_PLAN": ";".join(f"{s}={k}" for s, k in plan)}
         with log.open("w") as handle:
             process = subprocess.Popen(
-                self.command("--cores", "2"),
+                self.command("--cores", "1"),
                 cwd=ROOT,
                 env=env,
                 start_new_session=True,
@@ -176,7 +188,7 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def survive(workflow: Workflow, plan: list[tuple[str, int]], logs: Path) -> list[str]:
+def survive(workflow: Workflow, plan: list[tuple[str, int]], logs: Path, test: str) -> list[str]:
     """Run `workflow` until it completes, restarting after every kill as the README says;
     the kills, in order."""
     logs.mkdir(parents=True, exist_ok=True)
@@ -189,10 +201,10 @@ def survive(workflow: Workflow, plan: list[tuple[str, int]], logs: Path) -> list
             return fired
         assert code == -signal.SIGKILL and len(fired) == before + 1, (
             f"attempt {attempt} ended with exit status {code} after the kills {fired}; "
-            f"replay: {replay_line(plan)} make faults\n" + log.read_text()[-6000:]
+            f"replay: {replay_line(plan, test)}\n" + log.read_text()[-6000:]
         )
         workflow.unlock()  # a killed Snakemake leaves its lock (README: "When a run dies")
-    raise AssertionError(f"still not complete after {attempt + 1} attempts; {replay_line(plan)}")
+    raise AssertionError(f"not complete after {attempt + 1} attempts: {replay_line(plan, test)}")
 
 
 @pytest.fixture(scope="module")
@@ -226,22 +238,20 @@ def reference(gcs, tmp_path_factory) -> Workflow:
     """An uninterrupted run, counting its events."""
     root = tmp_path_factory.mktemp("reference")
     workflow = Workflow(root / "work", root / "events", (), gcs)
-    assert survive(workflow, [], root / "logs") == []
+    assert survive(workflow, [], root / "logs", "uninterrupted") == []
     return workflow
 
 
 def test_killed_at_every_stage_the_workflow_ends_with_an_uninterrupted_runs_outputs(
-    reference, gcs, tmp_path, capsys
+    reference, gcs, tmp_path, capsys, request
 ):
     kills = KILLS - max(len(TWO_PROCESSES), KILLS // 5)
-    plan = kill_plan(reference.counts(), ONE_PROCESS, kills, random.Random(SEED))
-    if os.environ.get("FAULT_PLAN"):  # a failure's replay
-        points = os.environ["FAULT_PLAN"].split(";")
-        plan = [(s, int(k)) for s, k in (point.rsplit("=", 1) for point in points)]
+    plan = planned(reference.counts(), ONE_PROCESS, kills, SEED)
+    test = request.node.name
     workflow = Workflow(tmp_path / "work", tmp_path / "events", (), gcs)
-    fired = survive(workflow, plan, tmp_path / "logs")
+    fired = survive(workflow, plan, tmp_path / "logs", test)
     with capsys.disabled():
-        _print_kills("one process", plan, fired, reference.counts())
+        _print_kills("one process", plan, fired, reference.counts(), test)
     assert sorted(line.split("\t")[0] for line in fired) == sorted(f"{s}={k}" for s, k in plan)
     if kills >= len(ONE_PROCESS):
         assert {s for s, _ in plan} == set(ONE_PROCESS), "a stage was not killed"
@@ -249,7 +259,7 @@ def test_killed_at_every_stage_the_workflow_ends_with_an_uninterrupted_runs_outp
 
 
 def test_killed_while_stepping_and_saving_on_two_processes_stage1_ends_as_uninterrupted(
-    reference, gcs, tmp_path, capsys
+    reference, gcs, tmp_path, capsys, request
 ):
     """Stage 1 trained again on two processes, in copies of the reference's working
     directory without its stage-1 training: once uninterrupted, once killed. (One and
@@ -260,12 +270,13 @@ def test_killed_while_stepping_and_saving_on_two_processes_stage1_ends_as_uninte
     uninterrupted, killed = (
         _without_stage1(reference, tmp_path / name, extra, gcs) for name in ("clean", "killed")
     )
-    assert survive(uninterrupted, [], tmp_path / "clean" / "logs") == []
+    assert survive(uninterrupted, [], tmp_path / "clean" / "logs", "uninterrupted") == []
     kills = max(len(TWO_PROCESSES), KILLS // 5)
-    plan = kill_plan(reference.counts(), TWO_PROCESSES, kills, random.Random(SEED + 1))
-    fired = survive(killed, plan, tmp_path / "killed" / "logs")
+    plan = planned(reference.counts(), TWO_PROCESSES, kills, SEED + 1)
+    test = request.node.name
+    fired = survive(killed, plan, tmp_path / "killed" / "logs", test)
     with capsys.disabled():
-        _print_kills("two processes", plan, fired, reference.counts())
+        _print_kills("two processes", plan, fired, reference.counts(), test)
     assert sorted(line.split("\t")[0] for line in fired) == sorted(f"{s}={k}" for s, k in plan)
     log = (killed.workdir / "logs" / "train" / "stage1.log").read_text()
     assert "Launching 2 training processes" in log and "Resumed from checkpoint" in log
@@ -294,13 +305,13 @@ def _with_target(command, target):
     return with_target
 
 
-def _print_kills(title, plan, fired, counts):
+def _print_kills(title, plan, fired, counts, test):
     print(f"\nkills ({title}, seed {SEED}): {len(fired)} tried, {len(fired)} survived")
     for line in fired:
         point, kind, path, _pid = line.split("\t")
         stage = point.rsplit("=", 1)[0]
         print(f"  {point:<26} of {counts[stage]:>4}  {kind:<6} {path}")
-    print(f"  replay: {replay_line(plan)} make faults")
+    print(f"  replay: {replay_line(plan, test)}")
 
 
 def assert_same_outputs(reference: Path, run: Path, runs, tolerance: float) -> None:

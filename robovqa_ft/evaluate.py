@@ -40,7 +40,14 @@ from robovqa_ft.checkpoints import fingerprint
 from robovqa_ft.files import atomic_open, write_json_atomic
 from robovqa_ft.journal import Journal
 from robovqa_ft.loss import labelled_token_losses, turn_sums
-from robovqa_ft.model import check_adapter, load_model, load_processor, model_family
+from robovqa_ft.model import (
+    check_adapter,
+    load_model,
+    load_processor,
+    model_family,
+    resolved_revision,
+)
+from robovqa_ft.provenance import provenance
 from robovqa_ft.samples import JsonlDataset, SampleBuilder, clip_order, pad_batch, split_counters
 
 log = logging.getLogger(__name__)
@@ -414,12 +421,16 @@ def evaluate_run(
     outputs = {k: Path(v) for k, v in outputs.items()}
     torch.manual_seed(evaluation["seed"])
     inputs = [p for p in (adapter_dir, *val_jsonl.values()) if p is not None]
+    revision = resolved_revision(model["name"], model.get("revision"))  # one commit throughout
+    log.info("Base model %s at revision %s", model["name"], revision or "(a local folder)")
     journal = Journal(outputs["eval"].with_name(PROGRESS_FILE),
-                      journal_fingerprint(model, stages, evaluation, inputs))  # fmt: skip
-    processor = load_processor(model["name"])
-    family = model_family(model["name"])
+                      journal_fingerprint({**model, "revision": revision}, stages, evaluation,
+                                          inputs))  # fmt: skip
+    processor = load_processor(model["name"], revision)
+    family = model_family(model["name"], revision)
     net = load_model(model["name"], model["quantization"], model["dtype"],
-                     model["attn_implementation"], False, model.get("max_memory_gb"))  # fmt: skip
+                     model["attn_implementation"], False, model.get("max_memory_gb"),
+                     revision)  # fmt: skip
     if adapter_dir is not None:
         net = PeftModel.from_pretrained(net, str(adapter_dir))
     net.eval()
@@ -482,6 +493,7 @@ def evaluate_run(
             },  # fmt: skip
         },
         "hardware": hardware(),
+        "provenance": provenance(1, revision),
         "wall_seconds": round(time.monotonic() - started, 1),
         "resumed_records": journal.resumed,
     }

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi, try_to_load_from_cache
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
@@ -67,8 +68,8 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def model_family(name_or_path: str | Path) -> Family:
-    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+def model_family(name_or_path: str | Path, revision: str | None = None) -> Family:
+    model_type = AutoConfig.from_pretrained(name_or_path, revision=revision).model_type
     if model_type not in FAMILIES:
         raise ValueError(
             f"{name_or_path}: model type {model_type!r} is not one of {sorted(FAMILIES)}"
@@ -76,8 +77,30 @@ def model_family(name_or_path: str | Path) -> Family:
     return FAMILIES[model_type]
 
 
-def load_processor(name_or_path: str | Path) -> Any:
-    return AutoProcessor.from_pretrained(name_or_path)
+def load_processor(name_or_path: str | Path, revision: str | None = None) -> Any:
+    return AutoProcessor.from_pretrained(name_or_path, revision=revision)
+
+
+def resolved_revision(name_or_path: str | Path, revision: str | None) -> str | None:
+    """The hub commit that `revision` (a commit, tag or branch; None: the default branch)
+    of model `name_or_path` is now, so that a job loads one commit throughout and a moved
+    branch is seen (the training fingerprint holds it). None for a local folder: its files
+    are what they are. Asked of the hub, or, offline, read from the local cache."""
+    if Path(name_or_path).expanduser().is_dir():
+        return None
+    name = str(name_or_path)
+    try:
+        return HfApi().model_info(name, revision=revision).sha
+    except Exception as error:  # offline, unreachable, or no such model or revision
+        cached = try_to_load_from_cache(name, "config.json", revision=revision or "main")
+        if isinstance(cached, str):
+            return Path(cached).parent.name  # .../snapshots/<commit>/config.json
+        raise ValueError(
+            f"model {name} at revision {revision or 'main'} is neither reachable on the hub "
+            f"({type(error).__name__}: {error}) nor in the local Hugging Face cache: check "
+            "model.name and model.revision, or download it first (hf download "
+            f"{name}{f' --revision {revision}' if revision else ''})"
+        ) from error
 
 
 def load_model(
@@ -87,17 +110,19 @@ def load_model(
     attn_implementation: str,
     gradient_checkpointing: bool,
     max_memory_gb: float | None = None,
+    revision: str | None = None,
 ) -> Any:
     """The base model, frozen, on this process's GPU if there is one, ready for LoRA.
 
     `quantization`: "nf4" (QLoRA: the language model's linear layers in 4-bit NF4 with
     double quantization, computing in `dtype`; vision tower, projector and head kept in
-    `dtype`) or "none".
+    `dtype`) or "none". `revision`: the hub commit, tag or branch (None: the default).
     """
-    family = model_family(name_or_path)
+    family = model_family(name_or_path, revision)
     kwargs: dict[str, Any] = {
         "dtype": getattr(torch, dtype),
         "attn_implementation": attn_implementation,
+        "revision": revision,
     }
     if quantization == "nf4":
         kwargs["quantization_config"] = nf4_config(family, getattr(torch, dtype))

@@ -175,7 +175,7 @@ def cross_key_errors(config: dict) -> Iterator[str]:
                 "the global batch (batch_size × grad_accum) stays the same on any GPU count"
             )
     model = config["model"]
-    family, problem = model_type(model["name"])
+    family, problem = model_type(model["name"], model.get("revision"))
     if problem:
         yield f"model.name = {shown(model['name'])} {problem}"
     elif family and family not in FAMILY_PACKS:
@@ -191,7 +191,7 @@ def cross_key_errors(config: dict) -> Iterator[str]:
         )
 
 
-def model_type(name: str) -> tuple[str | None, str | None]:
+def model_type(name: str, revision: str | None = None) -> tuple[str | None, str | None]:
     """(model_type, None) from the model's config.json, (None, None) when a hub id is not in
     the local HF cache (the job downloads it and finds out), or (None, what is wrong)."""
     if name == "tiny":
@@ -205,7 +205,7 @@ def model_type(name: str) -> tuple[str | None, str | None]:
             return None, "is a folder without config.json"
     else:
         try:
-            cached = try_to_load_from_cache(name, "config.json")
+            cached = try_to_load_from_cache(name, "config.json", revision=revision or "main")
         except HFValidationError:
             return None, "is neither a folder nor a Hugging Face model id"
         if not isinstance(cached, str):

@@ -42,7 +42,15 @@ from robovqa_ft.files import atomic_directory, atomic_open, write_json_atomic
 from robovqa_ft.launch import per_rank_accumulation
 from robovqa_ft.loss import labelled_token_losses, loss_sums
 from robovqa_ft.memory import MemoryGuard
-from robovqa_ft.model import attach_lora, check_adapter, load_model, load_processor, model_family
+from robovqa_ft.model import (
+    attach_lora,
+    check_adapter,
+    load_model,
+    load_processor,
+    model_family,
+    resolved_revision,
+)
+from robovqa_ft.provenance import provenance
 from robovqa_ft.samples import (
     JsonlDataset,
     SampleBuilder,
@@ -372,7 +380,9 @@ def train_run(
     calls this; rank 0 alone locks, checks and writes the run's files.
     """
     run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
-    family = model_family(model["name"])
+    # One hub commit for the whole job, in the fingerprint: a moved branch is another base.
+    revision = resolved_revision(model["name"], model.get("revision"))
+    family = model_family(model["name"], revision)
     if training["padding"] == "packed" and not family.packs:
         raise ValueError(
             f"training.padding 'packed' needs 1-D rotary positions (InternVL); {model['name']} "
@@ -385,7 +395,8 @@ def train_run(
     ranks.start(training["hang_timeout_minutes"])
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model": model, "lora": lora, "stage": stage, "training": training,
-                "init_adapter": str(init_adapter) if init_adapter else None}  # fmt: skip
+                "init_adapter": str(init_adapter) if init_adapter else None,
+                "model_revision": revision}  # fmt: skip
 
     def main_only(context: AbstractContextManager) -> AbstractContextManager:
         return context if me.is_main else nullcontext()
@@ -401,16 +412,18 @@ def train_run(
             prepare_checkpoint_dir(checkpoint_dir, current)
             set_aside_incomplete(checkpoint_dir)
             with atomic_open(run_dir / "config.yaml") as handle:
-                yaml.safe_dump(settings, handle, sort_keys=False)
-            log.info("Training with %d processes", me.size)
+                yaml.safe_dump({**settings, "provenance": provenance(me.size, revision)},
+                               handle, sort_keys=False)  # fmt: skip
+            log.info("Training with %d processes; base model %s at revision %s", me.size,
+                     model["name"], revision or "(a local folder)")  # fmt: skip
         current = ranks.from_main(current)  # also waits for rank 0 to sort the checkpoints
         resume = latest_complete_checkpoint(checkpoint_dir)
 
         set_seed(training["seed"])  # before LoRA's random initialisation
-        processor = load_processor(model["name"])
+        processor = load_processor(model["name"], revision)
         base = load_model(
             model["name"], model["quantization"], model["dtype"], model["attn_implementation"],
-            model["gradient_checkpointing"], model.get("max_memory_gb"),
+            model["gradient_checkpointing"], model.get("max_memory_gb"), revision,
         )  # fmt: skip
         peft_model = attach_lora(base, lora["r"], lora["alpha"], lora["dropout"], init_adapter)
         if me.is_main:  # once, before the first checkpoint

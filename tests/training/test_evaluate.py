@@ -277,7 +277,8 @@ def test_eval_of_a_fixed_adapter_gives_the_same_numbers_twice(tiny_setup, tmp_pa
 DOCS = Path(__file__).parents[2] / "docs" / "eval_json.md"
 # Keys named by the data, not by the code: docs/eval_json.md writes them as placeholders.
 PLACEHOLDERS = {("loss",): "<set>", ("by_family",): "<family>", ("by_answer_type",): "<kind>",
-                ("formats",): "<format>", ("groups",): "<group>"}  # fmt: skip
+                ("formats",): "<format>", ("groups",): "<group>",
+                ("packages",): "<package>"}  # fmt: skip
 
 
 def field_paths(value, prefix=()):

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test faults lint format bench bench-gpu clean clean-results
+.PHONY: demo test faults lint format bench bench-gpu clean clean-results status
 
 # The demo and the tests never touch the network: every model is built here.
 demo test faults: export HF_HUB_OFFLINE := 1
@@ -22,10 +22,19 @@ demo: $(STAMP)
 	@cat demo/results/ablation/report.md
 	@echo
 	@echo "Demo results in demo/results/: data/ (frames, JSONL, metadata.json); stage1/, stage2/,"
-	@echo "  stage2_only/ (adapter/, metrics, eval.json, predictions.jsonl, val_losses.jsonl);"
+	@echo "  stage2_only/ (adapter/, metrics, tensorboard/, heartbeat.json, eval.json, predictions.jsonl,"
+	@echo "  val_losses.jsonl);"
 	@echo "  base/; ablation/ (report)"
 	@echo
 	$(BIN)/python -m robovqa_ft.readme_figures README.md demo/results/ablation/report.md
+	@echo
+	@$(BIN)/python -m robovqa_ft.status --directory demo
+
+# Every run's state, step, losses, speed, last checkpoint and ETA, from its files only:
+# safe while a training runs, from any node, after a crash (DIR=demo: the demo's runs).
+# No $(STAMP): reinstalling the venv under a running training must not happen here.
+status:
+	@$(BIN)/python -m robovqa_ft.status --directory $(or $(DIR),.)
 
 # TensorFlow and torch must not share a process: one pytest run each. The fault suite
 # (tests/faults/) is part of it, its kills at their default size.

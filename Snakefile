@@ -28,6 +28,7 @@ include: "rules/frames.smk"
 include: "rules/jsonl.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/merge.smk"
 
 
 rule all:

@@ -156,8 +156,10 @@ def download_gcs(
     workers: int = 8,
     endpoint: str = GCS_ENDPOINT,
     patience: Patience = Patience(),
+    max_shards: dict | None = None,
 ) -> list[Shard]:
-    """Download the shards under `uri` into `dest`, skipping those already complete.
+    """Download the shards under `uri` into `dest` (the first `max_shards[split]` of a
+    split by name, where given), skipping those already complete.
 
     The client is anonymous (the data is public); `endpoint` and `patience` exist so that
     tests run this same code against a local emulator.
@@ -186,6 +188,8 @@ def download_gcs(
         ) from error
     if not blobs:
         raise BucketError(f"gs://{name}/{prefix} has no objects under train/train* or val/val*")
+    blobs = first_shards(blobs, max_shards, lambda b: Path(b.name).parent.name,
+                         lambda b: Path(b.name).name)  # fmt: skip
 
     def local(blob: Any) -> Path:
         return dest / Path(blob.name).parent.name / Path(blob.name).name
@@ -291,13 +295,20 @@ def source_folders(source: str) -> list[str]:
 
 
 def prepare_source(
-    source: str, manifest: Path | str, download_dir: Path | str, workers: int, demo: dict
+    source: str,
+    manifest: Path | str,
+    download_dir: Path | str,
+    workers: int,
+    demo: dict,
+    max_shards: dict | None = None,
 ) -> list[Shard]:
-    """Resolve `source` (gs:// URI, local folder or `demo`) to shards and write the manifest."""
+    """Resolve `source` (gs:// URI, local folder or `demo`) to shards and write the manifest.
+    `max_shards` ({split: N or None}) keeps the first N shards of a split by name: a smoke
+    test or a first run on part of the data fetches and extracts only those."""
     if source.startswith("gs://"):
         endpoint = os.environ.get(EMULATOR_VARIABLE, GCS_ENDPOINT)
         shards = download_gcs(source, Path(download_dir, *parse_gcs_uri(source)), workers,
-                              endpoint=endpoint)  # fmt: skip
+                              endpoint=endpoint, max_shards=max_shards)  # fmt: skip
     elif source == "demo":
         from robovqa_ft.demo_bucket import generate_demo_bucket
 
@@ -307,12 +318,24 @@ def prepare_source(
         shards = local_shards(root)
     else:
         shards = local_shards(source)  # used in place, never copied
+    shards = first_shards(shards, max_shards, lambda s: s.split, lambda s: s.shard)
     refuse_non_tfrecords(source, shards)
     write_manifest(manifest, shards)
     for split in SPLITS:
         chosen = [s for s in shards if s.split == split]
         log.info("%s: %d shards, %.2f GB", split, len(chosen), sum(s.bytes for s in chosen) / 1e9)
     return shards
+
+
+def first_shards(items: list, max_shards: dict | None, split_of, name_of) -> list:
+    """The first `max_shards[split]` items of each split by name; every one where the
+    split's limit is None."""
+    kept = []
+    for split in SPLITS:
+        chosen = sorted((item for item in items if split_of(item) == split), key=name_of)
+        limit = (max_shards or {}).get(split)
+        kept += chosen if limit is None else chosen[:limit]
+    return kept
 
 
 def refuse_non_tfrecords(source: str, shards: list[Shard]) -> None:

@@ -65,20 +65,21 @@ BOOKKEEPING = {
     TOP_LEVEL: {"download_workers"},
     "training": {"logging_steps", "eval_steps", "eval_clips", "save_steps",
                  "save_every_minutes", "save_total_limit", "dataloader_workers", "gpus",
-                 "hang_timeout_minutes", "stop_grace_seconds"},
+                 "hang_timeout_minutes", "stop_grace_seconds", "report_to"},
     "model": {"max_memory_gb", "attn_implementation", "gradient_checkpointing"},
     "evaluation": {"generation_batch_size", "dataloader_workers"},
 }  # fmt: skip
 # What each job reads of the config: whole sections, or "key" for a top-level key. The
 # frames and the split reach training through the data's metadata.json.
 READS = {
-    "download": ["source", "download_workers", "demo"],
+    "download": ["source", "download_workers", "demo", "max_shards"],
     "extract_frames": ["frame_size", "frames_per_clip", "jpeg_quality"],
     "build_jsonl": ["split", "val_ratio", "split_seed", "subset_ratio", "frames_per_clip",
                     "frame_size", "jpeg_quality", "source"],
     "build_tiny_model": ["tiny_model", "training"],
     "train": ["model", "lora", "training", "stage1", "stage2", "evaluation"],
     "evaluate": ["model", "stage1", "stage2", "evaluation"],
+    "merge": ["model", "training", "stage1", "stage2"],
     "ablation_report": ["source", "model", "lora", "training", "stage1", "stage2",
                         "evaluation", "report"],
 }  # fmt: skip
@@ -112,9 +113,13 @@ def fingerprint(settings: dict, inputs: list[Path | str]) -> str:
     return digest.hexdigest()
 
 
-def prepare_checkpoint_dir(checkpoint_dir: Path, current: str) -> None:
+def prepare_checkpoint_dir(
+    checkpoint_dir: Path, current: str, events_dir: Path | None = None
+) -> None:
     """Move checkpoints of another configuration or data aside, so they are never resumed,
-    with the fingerprint they were written under, so that moving them back resumes them."""
+    with the fingerprint they were written under, so that moving them back resumes them.
+    The run's TensorBoard events (`events_dir`) go with them: they are those checkpoints'
+    curves, and the new run's would be drawn over them."""
     stored = checkpoint_dir / FINGERPRINT_FILE
     old = json.loads(stored.read_text())["fingerprint"] if stored.exists() else None
     checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"))
@@ -126,6 +131,11 @@ def prepare_checkpoint_dir(checkpoint_dir: Path, current: str) -> None:
             path.rename(aside / path.name)
         if stored.exists():
             shutil.copy2(stored, aside / FINGERPRINT_FILE)
+        if events_dir is not None and events_dir.is_dir():
+            # not a rename: results/checkpoints may link to another disk
+            shutil.move(events_dir, aside / events_dir.name)
+            log.info("their TensorBoard events went with them: to resume them, move %s back "
+                     "to %s", aside / events_dir.name, events_dir)  # fmt: skip
         log.warning(
             "configuration or data changed since the checkpoints in %s were written: moved "
             "%d to %s, and this run starts from step 0. Delete that folder when you no longer "

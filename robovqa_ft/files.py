@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +30,41 @@ def atomic_open(path: Path | str, mode: str = "w") -> Iterator[IO[Any]]:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_files(paths: dict[str, Path | str]) -> Iterator[dict[str, IO[str]]]:
+    """Text files that appear together or not at all: each is written to a temporary
+    beside its path, and they replace their paths only once every one is written and
+    synced. A failed flush or sync names its file's final path (`OSError.filename`)."""
+    paths = {key: Path(path) for key, path in paths.items()}
+    temporaries: dict[str, str] = {}
+    handles: dict[str, IO[str]] = {}
+    try:
+        for key, path in paths.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_parts(path)
+            fd, temporaries[key] = tempfile.mkstemp(
+                dir=path.parent, prefix=f".{path.name}.", suffix=".part"
+            )
+            handles[key] = os.fdopen(fd, "w", encoding="utf-8")
+        yield handles
+        for key, handle in handles.items():
+            try:
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
+            except OSError as error:
+                raise OSError(error.errno, error.strerror, str(paths[key])) from error
+        for key, path in paths.items():
+            os.replace(temporaries[key], path)
+    except BaseException:
+        for handle in handles.values():
+            with suppress(OSError):
+                handle.close()
+        for temporary in temporaries.values():
+            Path(temporary).unlink(missing_ok=True)
         raise
 
 
@@ -59,7 +94,8 @@ def atomic_directory(path: Path | str) -> Iterator[Path]:
 def remove_stale_parts(path: Path) -> None:
     """Remove the temporary files or folders of `path` that a killed writer left (a
     SIGKILL or a power loss runs no cleanup). Every path has one writer at a time."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.part"):
+    # mkstemp's and mkdtemp's random part: 8 characters (not another file's `.x.bak.…`)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.part"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:

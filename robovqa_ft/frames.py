@@ -8,6 +8,7 @@ just before the index appears. A kill at any point leaves no half-written JPEG i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -75,10 +76,15 @@ def resize_jpeg(data: bytes, size: tuple[int, int], quality: int) -> tuple[bytes
     with Image.open(io.BytesIO(data)) as image:
         original = image.size
         image.draft("RGB", size)
-        resized = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        return resized_jpeg(image, size, quality), original
+
+
+def resized_jpeg(image: Image.Image, size: tuple[int, int], quality: int) -> bytes:
+    """`image` as a stored frame: RGB, resized to `size`, JPEG at `quality` (also what
+    `robovqa_ft.ask` makes of a video's frames, so they match extraction's)."""
     out = io.BytesIO()
-    resized.save(out, "JPEG", quality=quality)
-    return out.getvalue(), original
+    image.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(out, "JPEG", quality=quality)
+    return out.getvalue()
 
 
 @dataclass
@@ -261,7 +267,9 @@ def _publish(staging: Path, images_dir: Path, shard: str) -> dict[str, str]:
             try:
                 clip_dir.rename(target)  # fails while the target exists and is not empty
                 break
-            except OSError:
+            except OSError as error:
+                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise  # not a folder in the way: a full disk, a read-only one
                 owner = _owner(target)
                 if owner not in (None, shard):
                     taken[clip_dir.name] = owner

@@ -11,11 +11,10 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterable
-from contextlib import ExitStack
 from pathlib import Path
 
 from robovqa_ft.bucket import SPLITS
-from robovqa_ft.files import atomic_open, write_json_atomic
+from robovqa_ft.files import atomic_files, write_json_atomic
 from robovqa_ft.frames import clip_frame_paths
 from robovqa_ft.qa import FAMILIES, answer_type
 from robovqa_ft.space import named_if_full
@@ -148,14 +147,13 @@ def build_jsonl(
     )
     kept = select_subset(splits, subset_ratio, split_seed)
     stats = {s: _empty_split_stats() for s in SPLITS}
-    # A full disk names the file it hit: while writing a line, or at the close that
-    # flushes what its buffer held (hence a name around each file's atomic_open too).
+    # A full disk names the file it hit: while writing a line, or at the end, when each
+    # file's buffer is flushed (the error names it then).
     written = "the curriculum file"
-    with ExitStack() as stack:  # an error leaves none of the four files
-        files = {}
-        for key, path in outputs.items():
-            stack.enter_context(named_if_full(path, written))
-            files[key] = stack.enter_context(atomic_open(path))
+    with (
+        named_if_full(Path(outputs["stage1_train"]).parent, written),
+        atomic_files(outputs) as files,  # an error leaves none of the four files
+    ):
 
         def write(key: str, line: dict) -> None:
             with named_if_full(outputs[key], written):

@@ -7,6 +7,7 @@ out-of-memory error mid-step and loses every step since the last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import resource
@@ -20,6 +21,7 @@ from transformers import TrainerCallback
 
 from robovqa_ft import ranks
 from robovqa_ft.checkpoints import latest_complete_checkpoint
+from robovqa_ft.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,26 @@ GB = 2**30  # as model.py reads max_memory_gb for the CUDA cap
 # allocator's rounding): the headroom is never less than this share of the limit.
 HEADROOM_FLOOR = 0.02
 _STATUS = Path("/proc/self/status")
+STOPPED_FILE = "memory_guard.json"  # beside the checkpoints: the last stop, for a retry
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def refuse_a_repeat(checkpoint_dir: Path, limit: float | None, fingerprint: str) -> None:
+    """Stop before anything loads when the guard stopped this run's last attempt and the
+    limit is no higher (nor the run changed): the step it stopped before would cross it.
+    A higher limit, or another configuration, forgets that stop."""
+    path = Path(checkpoint_dir) / STOPPED_FILE
+    if not path.exists():
+        return
+    stopped = json.loads(path.read_text())
+    same_run = stopped["fingerprint"] == fingerprint
+    if same_run and limit is not None and limit <= stopped["limit"]:
+        raise SystemExit(
+            f"the memory guard stopped the last attempt: {stopped['message']} Not tried "
+            f"again at model.max_memory_gb = {limit:g} GB (delete {path} to try anyway)"
+        )
+    if ranks.world().is_main:
+        path.unlink(missing_ok=True)
 
 
 def unified_memory() -> bool:
@@ -81,7 +102,9 @@ class MemoryGuard(TrainerCallback):
     `model.max_memory_gb`, with a headroom of the largest growth from one step's end to
     the next seen so far (at least `HEADROOM_FLOOR` of the limit):
 
-    - measured at or over the limit: the step crossed it. The job stops at once, non-zero,
+    - measured at or over the limit: the step crossed it (on a GPU with its own memory
+      `load_model` also caps CUDA's allocations at the limit, so there an overshoot is a
+      CUDA out-of-memory error within the step instead). The job stops at once, non-zero,
       and saves nothing: saving takes more memory still, and on a shared-memory machine
       the process may already be swapping. A rerun resumes from the last checkpoint.
     - within the headroom of it: the next step could cross it. A checkpoint is saved at
@@ -99,11 +122,13 @@ class MemoryGuard(TrainerCallback):
         model: dict,
         stage: dict,
         checkpoint_dir: Path,
+        fingerprint: str = "",
         measure: Callable[[], float] | None = None,
     ):
         self.limit = model.get("max_memory_gb")
         self.checkpointing = model.get("gradient_checkpointing", True)
         self.stage, self.checkpoint_dir = stage, Path(checkpoint_dir)
+        self.fingerprint = fingerprint
         self.previous: float | None = None
         self.growth = 0.0
         self.stop_message: str | None = None
@@ -138,6 +163,7 @@ class MemoryGuard(TrainerCallback):
                 f"saving ({resume} in {self.checkpoint_dir}). {self._what_to_lower()}"
             )
             log.error("memory guard: %s", message)
+            self._remember(message)
             raise SystemExit(message)
         if current + headroom >= self.limit and step < state.max_steps:
             self.stop_message = (
@@ -147,7 +173,16 @@ class MemoryGuard(TrainerCallback):
                 f"{self._what_to_lower()}"
             )
             log.warning("memory guard: %s", self.stop_message)
+            self._remember(self.stop_message)
             control.should_save = control.should_training_stop = True
+
+    def _remember(self, message: str) -> None:
+        """For the next attempt (`refuse_a_repeat`): Snakemake's retries, or the same
+        command run again, would take the same step with the same limit."""
+        if ranks.world().is_main:
+            write_json_atomic(self.checkpoint_dir / STOPPED_FILE, {
+                "limit": self.limit, "fingerprint": self.fingerprint, "message": message,
+            })  # fmt: skip
 
     def _what_to_lower(self) -> str:
         """What the user can change: bookkeeping settings resume the run, shaping ones (the

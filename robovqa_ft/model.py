@@ -244,7 +244,6 @@ def attach_lora(
 ) -> PeftModel:
     """LoRA on the language model's linear layers: fresh, or continued from `init_adapter`."""
     if init_adapter is not None:
-        check_adapter(init_adapter, model.name_or_path, r, alpha)
         log.info("LoRA continued from %s (trainable)", init_adapter)
         peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:

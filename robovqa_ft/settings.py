@@ -6,6 +6,7 @@ line (`ConfigError`). The Snakefile imports this module: no torch, transformers 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import re
 from collections.abc import Iterator
@@ -25,6 +26,10 @@ SCHEMA = "config/schema.yaml"  # in the workflow's folder
 FAMILY_PACKS = {"internvl": True, "qwen2_5_vl": False, "qwen3_vl": False}
 TINY_FAMILY = "internvl"  # model.name "tiny": the InternVL the workflow builds
 FOLDER_PREFIXES = ("/", "./", "../", "~")  # a model.name starting so is a folder, not a hub id
+# training.report_to beyond tensorboard (which needs nothing more): the Trainer's own
+# integrations, by the module each needs. One not installed would fail only once the
+# training job has loaded its model.
+INTEGRATION_MODULES = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
 # Snakemake reads nested --config values, and PyYAML reads 1e-4, as strings.
 _INTEGER = re.compile(r"[-+]?\d+")
@@ -173,6 +178,13 @@ def cross_key_errors(config: dict) -> Iterator[str]:
             yield (
                 f"{stage}.grad_accum = {accum} does not divide over training.gpus = {gpus}: "
                 "the global batch (batch_size × grad_accum) stays the same on any GPU count"
+            )
+    for name in config["training"]["report_to"]:
+        module = INTEGRATION_MODULES.get(name)
+        if module and importlib.util.find_spec(module) is None:
+            yield (
+                f"training.report_to names {name}, which is not installed here: pip install "
+                f"{module}, or leave it out (tensorboard needs nothing more)"
             )
     model = config["model"]
     family, problem = model_type(model["name"], model.get("revision"))

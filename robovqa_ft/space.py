@@ -52,7 +52,9 @@ class DiskFullError(OSError):
 
 def free_space(path: Path | str) -> tuple[Path, int]:
     """The mount point of the file system that holds (or will hold) `path`, and the bytes
-    free there for this user. `path` need not exist: its nearest existing folder counts."""
+    free there. `path` need not exist: its nearest existing folder counts. A user quota
+    (common on clusters' Lustre or GPFS) is not seen here: a write past it fails with
+    EDQUOT, which `named_if_full` names like a full disk."""
     folder = Path(path).absolute()
     while not folder.exists():
         folder = folder.parent
@@ -127,7 +129,10 @@ def is_disk_full(error: BaseException) -> bool:
             return True
         if any(words in str(current) for words in FULL_WORDS):
             return True
-        current = current.__cause__ or current.__context__
+        # an error raised from one, or an OSError met while handling one (a close that
+        # failed too); not any error that merely followed a full disk
+        context = current.__context__ if isinstance(current, OSError) else None
+        current = current.__cause__ or context
     return False
 
 
@@ -147,9 +152,10 @@ def disk_full(path: Path | str, what: str, kept: str = "finished work is kept") 
 def named_if_full(
     path: Path | str, what: str, kept: str = "finished work is kept"
 ) -> Iterator[None]:
-    """Turn a full disk met inside the block into a `DiskFullError` that names `path`
-    (what the block writes) and says what to do; the original error is its cause. One
-    already named, by a block nested inside, passes unchanged."""
+    """Turn a full disk met inside the block into a `DiskFullError` that names the file
+    the error names (an open, or `files.atomic_files`), else `path` (what the block
+    writes), and says what to do; the original error is its cause. One already named,
+    by a block nested inside, passes unchanged."""
     try:
         yield
     except DiskFullError:
@@ -157,4 +163,5 @@ def named_if_full(
     except Exception as error:
         if not is_disk_full(error):
             raise
-        raise disk_full(path, what, kept) from error
+        named = error.filename if isinstance(error, OSError) and error.filename else path
+        raise disk_full(named, what, kept) from error

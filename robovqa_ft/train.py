@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
+from peft.utils import load_peft_weights
 from torch.utils.data import DataLoader, Subset
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
@@ -38,10 +38,11 @@ from robovqa_ft.checkpoints import (
     rotate_checkpoints,
     set_aside_incomplete,
 )
+from robovqa_ft.curves import TENSORBOARD, Heartbeat, TensorBoardCurves, trainer_integrations
 from robovqa_ft.files import atomic_directory, atomic_open, write_json_atomic
 from robovqa_ft.launch import per_rank_accumulation
 from robovqa_ft.loss import labelled_token_losses, loss_sums
-from robovqa_ft.memory import MemoryGuard
+from robovqa_ft.memory import MemoryGuard, refuse_a_repeat
 from robovqa_ft.model import (
     attach_lora,
     check_adapter,
@@ -61,6 +62,7 @@ from robovqa_ft.samples import (
     split_counters,
 )
 from robovqa_ft.space import named_if_full, require_training_space
+from robovqa_ft.status import EVENTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +145,9 @@ class SamplerEpoch(TrainerCallback):
 
 
 class MetricsLog(TrainerCallback):
-    """`train_metrics.csv` and `eval_metrics.csv` in the run folder, kept across resumes.
-    Counters are the job's (summed over ranks); rank 0 writes."""
+    """`train_metrics.csv` and `eval_metrics.csv` in the run folder, kept across resumes,
+    and the counters of the logging window behind the project's figures (`figures`, which
+    the Trainer adds to its logs). Counters are the job's (summed over ranks); rank 0 writes."""
 
     TRAIN = ["step", "epoch", "loss", "learning_rate", "grad_norm", "samples", "samples_per_s",
              "tokens_per_s", "real_token_share", "peak_memory_gb", "dropped_turns",
@@ -170,6 +173,23 @@ class MetricsLog(TrainerCallback):
         self.dropped += dropped_turns
         self.skipped += skipped_samples
 
+    def figures(self) -> dict[str, float]:
+        """The window's samples, throughput, real-token share, peak memory, dropped turns
+        and skipped samples, summed over ranks (every rank calls this); then a new window."""
+        seconds = max(time.monotonic() - self.window_start, 1e-9)
+        samples, tokens, computed, dropped, skipped = ranks.summed(
+            [self.samples, self.tokens, self.computed, self.dropped, self.skipped]
+        )
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
+        (peak,) = ranks.highest([peak])
+        self.window_start, self.samples, self.tokens, self.computed = time.monotonic(), 0, 0, 0
+        self.dropped = self.skipped = 0
+        return {"samples": int(samples), "samples_per_s": samples / seconds,
+                "tokens_per_s": tokens / seconds,
+                "real_token_share": round(tokens / max(computed, 1), 4),
+                "peak_memory_gb": round(peak, 3), "dropped_turns": int(dropped),
+                "skipped_samples": int(skipped)}  # fmt: skip
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
@@ -177,24 +197,8 @@ class MetricsLog(TrainerCallback):
             _append(self.eval_csv, self.EVAL, {**row, "eval_loss": logs["eval_loss"],
                                                "eval_samples": self.eval_samples,
                                                "eval_tokens": logs.get("eval_tokens")})  # fmt: skip
-        elif "loss" in logs:
-            seconds = max(time.monotonic() - self.window_start, 1e-9)
-            samples, tokens, computed, dropped, skipped = ranks.summed(
-                [self.samples, self.tokens, self.computed, self.dropped, self.skipped]
-            )
-            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
-            (peak,) = ranks.highest([peak])
-            if self.writes:
-                _append(self.train_csv, self.TRAIN, {
-                    **row, "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
-                    "grad_norm": logs.get("grad_norm"), "samples": int(samples),
-                    "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-                    "real_token_share": round(tokens / max(computed, 1), 4),
-                    "peak_memory_gb": round(peak, 3),
-                    "dropped_turns": int(dropped), "skipped_samples": int(skipped),
-                })  # fmt: skip
-            self.window_start, self.samples, self.tokens, self.computed = time.monotonic(), 0, 0, 0
-            self.dropped = self.skipped = 0
+        elif "loss" in logs and self.writes:
+            _append(self.train_csv, self.TRAIN, {**row, **{k: logs.get(k) for k in self.TRAIN[2:]}})
 
 
 def _append(path: Path, fields: list[str], row: dict) -> None:
@@ -265,6 +269,13 @@ class CurriculumTrainer(Trainer):
         return (loss, {}) if return_outputs else loss
 
     step_tokens = 1  # the current step's labelled tokens (of this rank, or of all)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # The project's figures join a training log before any callback sees it, so that
+        # the CSV, TensorBoard and every report_to integration get the same numbers.
+        if "loss" in logs:
+            logs.update(self.metrics.figures())
+        super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial):
         # The Trainer's writes (weights, optimizer, RNG, state) in one place, named as
@@ -409,7 +420,7 @@ def train_run(
         if me.is_main:
             inputs = [p for p in (train_jsonl, data_metadata, init_adapter) if p is not None]
             current = fingerprint(settings, inputs)
-            prepare_checkpoint_dir(checkpoint_dir, current)
+            prepare_checkpoint_dir(checkpoint_dir, current, run_dir / EVENTS_DIR)
             set_aside_incomplete(checkpoint_dir)
             with atomic_open(run_dir / "config.yaml") as handle:
                 yaml.safe_dump({**settings, "provenance": provenance(me.size, revision)},
@@ -417,6 +428,7 @@ def train_run(
             log.info("Training with %d processes; base model %s at revision %s", me.size,
                      model["name"], revision or "(a local folder)")  # fmt: skip
         current = ranks.from_main(current)  # also waits for rank 0 to sort the checkpoints
+        refuse_a_repeat(checkpoint_dir, model.get("max_memory_gb"), current)
         resume = latest_complete_checkpoint(checkpoint_dir)
 
         set_seed(training["seed"])  # before LoRA's random initialisation
@@ -426,11 +438,11 @@ def train_run(
             model["gradient_checkpointing"], model.get("max_memory_gb"), revision,
         )  # fmt: skip
         peft_model = attach_lora(base, lora["r"], lora["alpha"], lora["dropout"], init_adapter)
-        if me.is_main:  # once, before the first checkpoint
-            trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-            require_training_space(
-                checkpoint_dir, trainable, training["save_total_limit"], run_dir.name
-            )
+        # Before the first checkpoint, on every rank alike (one statvfs): a rank left
+        # waiting in a collective for one that stopped would hang until the timeout.
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        require_training_space(checkpoint_dir, trainable, training["save_total_limit"],
+                               run_dir.name)  # fmt: skip
         builder = SampleBuilder(
             processor, family, images_dir, stage["max_frames"], stage["max_seq_len"]
         )
@@ -454,21 +466,23 @@ def train_run(
         safety = CrashSafety(
             checkpoint_dir, training["save_every_minutes"], training["save_total_limit"]
         )
-        guard = MemoryGuard(model, stage, checkpoint_dir)
-        for callback in (safety, trainer.metrics, SamplerEpoch(sampler), guard):
+        guard = MemoryGuard(model, stage, checkpoint_dir, current)
+        # after CrashSafety, so that a save the heartbeat reports is marked complete
+        watchers = [Heartbeat(run_dir, resumed_step)]
+        if TENSORBOARD in training.get("report_to", []):
+            watchers.append(TensorBoardCurves(run_dir, resumed_step))
+        for callback in (safety, trainer.metrics, SamplerEpoch(sampler), guard, *watchers):
             trainer.add_callback(callback)
         if resume:
             log.info("Resumed from checkpoint: step=%d (%s)", resumed_step, resume)
         else:
             log.info("Starting from step 0: no complete checkpoint in %s", checkpoint_dir)
         try:
-            if resume and resumed_step >= total_steps(sampler, stage, training):
+            if resume and finished_at(resume):
                 # Resumed at its last step, the Trainer would take one more before it stops.
                 log.info("checkpoint-%d is the run's last step: the adapter is its weights",
                          resumed_step)  # fmt: skip
-                set_peft_model_state_dict(
-                    peft_model, load_file(str(resume / "adapter_model.safetensors"))
-                )
+                set_peft_model_state_dict(peft_model, load_peft_weights(str(resume)))
             else:
                 trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         finally:
@@ -526,11 +540,10 @@ def training_order(
     return sampler
 
 
-def total_steps(sampler: StepSampler, stage: dict, training: dict) -> int:
-    """The optimizer steps of the whole run, as the Trainer counts them."""
-    if training["max_steps"] > 0:
-        return training["max_steps"]
-    return math.ceil(stage["epochs"] * sampler.steps)
+def finished_at(checkpoint: Path) -> bool:
+    """Whether `checkpoint` is of the run's last step, by the Trainer's own count."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["global_step"] >= state["max_steps"]
 
 
 def training_arguments(
@@ -569,7 +582,9 @@ def training_arguments(
         data_seed=training["seed"],
         dataloader_num_workers=training["dataloader_workers"],
         remove_unused_columns=False,
-        report_to=[],
+        # TensorBoard is written by curves.py (without TensorFlow), not the Trainer's;
+        # missing (callers that pass no config): no integration
+        report_to=trainer_integrations(training.get("report_to", [])),
         disable_tqdm=False,
         use_cpu=not cuda,
         # Only LoRA trains, and every LoRA weight is used: no search for unused ones

@@ -20,5 +20,6 @@ checkpoint download:
         source=config["source"],
         download_dir="results/bucket",
         demo=demo_settings(),
+        max_shards=config["max_shards"],
     script:
         "../workflow_scripts/download.py"

@@ -10,4 +10,5 @@ with log_to(snakemake.log[0]):
         download_dir=snakemake.params.download_dir,
         workers=snakemake.config["download_workers"],  # bookkeeping: not a param
         demo=snakemake.params.demo,
+        max_shards=snakemake.params.max_shards,
     )

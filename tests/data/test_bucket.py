@@ -16,6 +16,18 @@ def test_review_bucket_is_an_alias_of_the_public_one():
         parse_gcs_uri("gs:///tfrecord")
 
 
+def test_max_shards_keeps_the_first_shards_of_a_split_by_name(tmp_path):
+    for name in ("train/train-2", "train/train-0", "train/train-1", "val/val-1", "val/val-0"):
+        write_tfrecord(tmp_path / name, [b"1234"])
+    manifest = tmp_path / "out" / "shards.tsv"
+    shards = prepare_source(str(tmp_path), manifest, tmp_path / "dl", workers=1, demo={},
+                            max_shards={"train": 2, "val": None})  # fmt: skip
+    assert [(s.split, s.shard) for s in read_manifest(manifest)] == [
+        ("train", "train-0"), ("train", "train-1"), ("val", "val-0"), ("val", "val-1"),
+    ]  # fmt: skip
+    assert read_manifest(manifest) == shards
+
+
 def test_local_source_is_used_in_place(tmp_path):
     for name in ("train/train-0", "train/train-1", "val/val-0"):
         write_tfrecord(tmp_path / name, [b"1234"])  # one record: 4 bytes and 16 of framing

@@ -223,3 +223,16 @@ def test_an_empty_prefix_is_an_error(tmp_path, gcs):
     gcs.put_shards()
     with pytest.raises(BucketError, match="gs://gdm-robovqa/nothing has no objects"):
         download(gcs, tmp_path, "gs://gdm-robovqa/nothing")
+
+
+def test_max_shards_fetches_only_the_first_shards_of_a_split(gcs, tmp_path):
+    gcs.put_shards(train=3, val=2)
+    shards = download_gcs(SOURCE, tmp_path, workers=1, endpoint=gcs.endpoint, patience=PATIENCE,
+                          max_shards={"train": 1, "val": 1})  # fmt: skip
+    assert [(s.split, s.shard) for s in shards] == [
+        ("train", "train-00000-of-00003"), ("val", "val-00000-of-00002"),
+    ]  # fmt: skip
+    fetched = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert fetched == ["train/train-00000-of-00003", "val/val-00000-of-00002"]
+    media = [r for r in gcs.relay.requests if "alt=media" in r.line]
+    assert all("00000-of" in r.line for r in media) and len(media) == 2

@@ -155,9 +155,3 @@ def test_an_init_adapter_of_another_lora_rank_is_refused_naming_both(
         "adapter's, or use an adapter trained with the config's"
     )
     assert not list(tmp_path.iterdir())  # no run folder, no checkpoint folder
-
-
-def test_attach_lora_refuses_an_init_adapter_of_another_rank(tiny_setup, adapter):
-    base = load_model(tiny_setup["model"], "none", "float32", "sdpa", False)
-    with pytest.raises(ValueError, match=f"init adapter {adapter} has LoRA r=8, alpha=16"):
-        attach_lora(base, 4, 8, 0.0, init_adapter=adapter)

@@ -3,6 +3,7 @@ one over it stops without saving. On the CPU only: the guard's measurement is th
 resident memory here; its CUDA path (`memory_reserved`, shared-memory GPUs) is untested."""
 
 import logging
+import tempfile
 
 import pytest
 from training_helpers import csv_rows, train_tiny
@@ -52,12 +53,25 @@ def test_a_run_near_the_limit_saves_stops_non_zero_and_resumes_with_a_higher_one
     assert (tmp_path / "checkpoints" / "checkpoint-5" / COMPLETE_MARKER).exists()
     assert not (tmp_path / "adapter").exists()
 
+    # Snakemake's retry (train has `retries: 2`), or the same command, at the same limit
+    # would take the step the guard stopped before: refused before anything loads.
+    monkeypatch.setattr("robovqa_ft.train.load_model", _must_not_load)
+    with pytest.raises(SystemExit) as again:
+        train_tiny(tiny_setup, tmp_path, model_settings=limit, max_steps=8, save_steps=2)
+    assert str(again.value.code).startswith(f"the memory guard stopped the last attempt: {message}")
+    assert checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    monkeypatch.undo()
+
     fake_memory(monkeypatch, lambda step: 1.0 + 0.1 * step)  # a new process counts anew
     train_tiny(tiny_setup, tmp_path, model_settings={"max_memory_gb": 4.0}, max_steps=8,
                save_steps=2)  # fmt: skip
     assert "Resumed from checkpoint: step=5" in (tmp_path / "training.log").read_text()
     assert [int(r["step"]) for r in csv_rows(tmp_path / "train_metrics.csv")] == list(range(1, 9))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded")
 
 
 def test_crossing_the_limit_within_a_step_stops_non_zero_without_saving(
@@ -82,13 +96,15 @@ def test_crossing_the_limit_within_a_step_stops_non_zero_without_saving(
 def guard_steps(values, max_steps=10, limit=2.0, stage=STAGE):
     """A guard fed `values` (GB) at the ends of steps 1, 2, ...; the control of each step."""
     feed = iter([0.0, *values])
-    guard = MemoryGuard({"max_memory_gb": limit}, stage, "unused", measure=lambda: next(feed))
-    state, controls = TrainerState(max_steps=max_steps), []
-    guard.on_train_begin(None, state, TrainerControl())
-    for step in range(1, len(values) + 1):
-        state.global_step, control = step, TrainerControl()
-        guard.on_step_end(None, state, control)
-        controls.append(control)
+    with tempfile.TemporaryDirectory() as checkpoints:  # where a stop is remembered
+        guard = MemoryGuard({"max_memory_gb": limit}, stage, checkpoints,
+                            measure=lambda: next(feed))  # fmt: skip
+        state, controls = TrainerState(max_steps=max_steps), []
+        guard.on_train_begin(None, state, TrainerControl())
+        for step in range(1, len(values) + 1):
+            state.global_step, control = step, TrainerControl()
+            guard.on_step_end(None, state, control)
+            controls.append(control)
     return guard, controls
 
 

@@ -41,11 +41,7 @@ def stage_of(relative: str) -> str | None:
     (logs, locks, the run's config)."""
     if relative.endswith((".log", ".lock")) or "/.snakemake" in relative:
         return None
-    if (
-        relative.startswith("bucket/")
-        or relative.startswith("data/.shards.tsv")
-        or (relative == "data/shards.tsv")
-    ):
+    if relative.startswith("bucket/") or relative == "data/shards.tsv":
         return "download"
     if relative.startswith(("data/.staging", "data/images", "data/clips")):
         return "frames"
@@ -101,7 +97,8 @@ def _event(kind: str, path) -> None:
                 handle.write(line)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.killpg(int(_read(os.path.join(FOLDER, "pgid"))), signal.SIGKILL)
+            group = _read(os.path.join(FOLDER, "pgid"))  # written as Snakemake starts
+            os.killpg(int(group) if group else os.getpgid(0), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -1,0 +1,459 @@
+"""The merged model: the base with one run's LoRA adapter merged in, in Hugging Face format,
+with its processor and a model card (README.md) that states the recipe and the run's
+eval.json figures with their conditions.
+
+A CPU job (`snakemake results/<run>/merged`). A QLoRA run's adapter was trained on the 4-bit
+base; it is merged into the base reloaded unquantized, in the compute dtype, as peft
+documents for 4-bit bases: a merge into 4-bit weights would round the sum back to NF4.
+
+Free of torch at import: the workflow asks `merge_memory_mb` while it plans, and must not
+load a deep-learning stack for that; the job's functions import their own.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import (
+    EvalResult,
+    ModelCard,
+    ModelCardData,
+    get_local_safetensors_metadata,
+    hf_hub_download,
+    try_to_load_from_cache,
+)
+from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
+
+from robovqa_ft.files import atomic_directory
+from robovqa_ft.space import named_if_full, require_free_space
+
+log = logging.getLogger(__name__)
+
+# RoboVQA is published on GitHub and as a GCS bucket, not as a Hub dataset: the card's
+# `datasets` entry names the GitHub repository, and the card says so.
+ROBOVQA = "google-deepmind/robovqa"
+ROBOVQA_URL = "https://github.com/google-deepmind/robovqa"
+DEMO_DATASET = "robovqa-format-synthetic-demo"
+TASK = "image-text-to-text"
+BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The merge job's own peak beside the weights: interpreter, torch, transformers, peft
+# (0.85 GB measured for the tiny model's merge, 2026-12-02), with room.
+RUNTIME_MB = 1500
+# What each run was trained on, in order; stage2 continues from the stage-1 adapter.
+CURRICULUM = {"stage1": ("stage1",), "stage2": ("stage1", "stage2"), "stage2_only": ("stage2",)}
+CONDITIONS = {"frames": "own frames", "blank_frames": "blank frames",
+              "other_clip": "another clip's frames (same group)"}  # fmt: skip
+# eval.json's macro key of a yes/no accuracy under each condition
+YES_NO_KEYS = {"frames": "yes_no_accuracy", "blank_frames": "blank_frames_yes_no_accuracy",
+               "other_clip": "other_clip_yes_no_accuracy"}  # fmt: skip
+METRIC_NAMES = {"val_loss": "val loss", "yes_no_accuracy": "yes/no accuracy (macro)",
+                "bleu": "BLEU (macro)", "exact_match": "exact match (macro)"}  # fmt: skip
+METRIC_TYPES = {"val_loss": "loss", "yes_no_accuracy": "accuracy", "bleu": "bleu",
+                "exact_match": "exact_match"}  # fmt: skip
+
+
+def merge_memory_mb(adapter_dir: Path | str, name: str, revision: str | None, dtype: str) -> int:
+    """The merge job's memory in MB: twice the merged weights (parameters × bytes of
+    `dtype`), plus the runtime. Measured: the loaded weights once beside the runtime (a
+    0.52 B-parameter bfloat16 InternVL peaked at 1.91 GB, 2026-12-02); twice leaves room
+    for what loading can hold beside them (a weight converted from another dtype or
+    layout, the mapped files). The parameters are counted from the base's safetensors
+    headers, in its folder or the local Hugging Face cache, which the training filled.
+    """
+    if not Path(adapter_dir).exists():
+        # Snakemake shows <TBD> for a resource whose input is missing, and asks again
+        # once the job's inputs exist: by then the training has loaded the base.
+        raise FileNotFoundError(errno.ENOENT, "not trained yet", str(adapter_dir))
+    revision = revision or "main"
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        cached = try_to_load_from_cache(name, "config.json", revision=revision)
+        if not isinstance(cached, str):
+            raise _weights_missing(name, revision, "not in the local Hugging Face cache")
+        folder = Path(cached).parent  # .../snapshots/<commit>/
+    try:
+        counts = get_local_safetensors_metadata(folder).parameter_count
+    except (OSError, NotASafetensorsRepoError, SafetensorsParsingError) as error:
+        raise _weights_missing(name, revision, str(error)) from error
+    weights = sum(counts.values()) * BYTES_PER_WEIGHT[dtype]
+    return math.ceil(2 * weights / 1e6) + RUNTIME_MB
+
+
+def _weights_missing(name: str, revision: str, why: str) -> ValueError:
+    return ValueError(
+        f"the weights of model {name} (revision {revision}) are not on this machine "
+        f"({why}), so the merge's memory cannot be counted: download them (hf download "
+        f"{name} --revision {revision}) or give it with --set-resources merge:mem_mb=<MB>"
+    )
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One number of eval.json that the card states, with what it was measured on."""
+
+    metric: str  # val_loss, yes_no_accuracy, bleu or exact_match
+    value: float | None  # None: not in eval.json (left out of the card)
+    val_set: str  # stage1_val or stage2_val: the questions' val file
+    answer_format: str | None  # stage1 or stage2 (answers only)
+    condition: str | None  # frames, blank_frames or other_clip (answers only)
+    count: int  # labelled tokens of a loss, questions of a score
+    counted: str  # "tokens" or "questions"
+
+    @property
+    def name(self) -> str:
+        where = self.val_set if self.answer_format is None else (
+            f"{self.answer_format} format, {CONDITIONS[self.condition]}"
+        )  # fmt: skip
+        return f"{METRIC_NAMES[self.metric]}, {where}"
+
+
+def card_figures(evaluation: dict) -> list[Figure]:
+    """The figures of an eval.json the card states: the val loss of each val set, and in
+    each answer format the macro yes/no accuracy on the clip's own frames and under both
+    controls, BLEU and exact match. Absent (a format without yes/no or free-form groups)
+    or undefined (no tokens) figures are left out, never written as 0."""
+    figures = []
+    for val_set, loss in evaluation["loss"].items():
+        figures.append(Figure("val_loss", loss["loss"], val_set, None, None,
+                              loss["tokens"], "tokens"))  # fmt: skip
+    for form, scores in evaluation["answers"]["formats"].items():
+        groups, macro = scores["groups"].values(), scores["macro"]
+        yes_no = [g for g in groups if "accuracy" in g]
+        free = [g for g in groups if "bleu" in g]
+        counts = {"frames": sum(g["n"] for g in yes_no),
+                  "blank_frames": sum(g["n"] for g in yes_no),
+                  "other_clip": sum(g["other_clip_n"] for g in yes_no)}  # fmt: skip
+        for condition, key in YES_NO_KEYS.items():
+            figures.append(Figure("yes_no_accuracy", macro.get(key), "stage1_val", form,
+                                  condition, counts[condition], "questions"))  # fmt: skip
+        for metric in ("bleu", "exact_match"):
+            figures.append(Figure(metric, macro.get(metric), "stage1_val", form, "frames",
+                                  sum(g["n"] for g in free), "questions"))  # fmt: skip
+    return [f for f in figures if f.value is not None and math.isfinite(f.value)]
+
+
+def eval_results(figures: list[Figure], dataset: str, dataset_name: str) -> list[EvalResult]:
+    """The figures as the Hub's model-index entries (the card's YAML `model-index`)."""
+    return [
+        EvalResult(
+            task_type=TASK, task_name="RoboVQA video question answering",
+            dataset_type=dataset, dataset_name=dataset_name, dataset_split="val",
+            dataset_config=f.val_set, metric_type=METRIC_TYPES[f.metric], metric_name=f.name,
+            metric_value=f.value,
+            metric_config=None if f.answer_format is None else f"{f.answer_format}-format",
+            metric_args={f.counted: f.count, **({"condition": f.condition} if f.condition else {})},
+        )
+        for f in figures
+    ]  # fmt: skip
+
+
+def base_license(name: str, revision: str | None) -> dict:
+    """The base's license as its own model card states it (`license`, and for "other" its
+    `license_name` and `license_link`): the README.md of a base folder, or of a Hub model
+    at `revision` (the local cache when offline). {} when there is none to read."""
+    folder = Path(name).expanduser()
+    try:
+        if folder.is_dir():
+            card = folder / "README.md"
+        else:
+            card = Path(hf_hub_download(name, "README.md", revision=revision))
+        data = ModelCard.load(card).data if card.is_file() else {}
+    except Exception as error:  # offline and not cached, no card, or no such model
+        log.warning(
+            "the base model's card could not be read (%s: %s): the merged model's card "
+            "points to the base for its license", type(error).__name__, error,
+        )  # fmt: skip
+        return {}
+    keys = ("license", "license_name", "license_link")
+    return {key: data.get(key) for key in keys if data.get(key)}
+
+
+def _license_metadata(name: str, found: dict) -> dict:
+    if found:
+        return found
+    # "other" is the Hub's value for a license given elsewhere; this one is the base's
+    hub = not Path(name).expanduser().is_dir()
+    return {"license": "other", "license_name": "base-model-license",
+            **({"license_link": f"https://huggingface.co/{name}"} if hub else {})}  # fmt: skip
+
+
+def model_card(
+    run: str,
+    model: dict,
+    revision: str | None,
+    adapter: dict,
+    stages: dict[str, dict],
+    training: dict,
+    evaluation: dict,
+    metadata: dict,
+    license_found: dict,
+    made_by: dict,
+) -> ModelCard:
+    """The merged model's card: YAML header (base model, dataset, license, library, task,
+    tags, and every figure as a model-index entry) and a body stating how it was made,
+    what it was evaluated on and how to load it. `adapter` is the adapter's
+    adapter_config.json (its LoRA settings as peft saved them)."""
+    demo = metadata.get("source") == "demo"
+    dataset = DEMO_DATASET if demo else ROBOVQA
+    dataset_name = ("synthetic demo bucket in the RoboVQA format" if demo
+                    else "RoboVQA, this workflow's val split")  # fmt: skip
+    figures = card_figures(evaluation)
+    model_name = f"{Path(model['name']).name}-robovqa-{run}"
+    tags = ["robovqa", "robotics", "video", "visual-question-answering", "lora", "merged",
+            *(["qlora"] if model["quantization"] == "nf4" else []),
+            *(["demo", "random-weights"] if demo else [])]  # fmt: skip
+    data = ModelCardData(
+        base_model=model["name"], datasets=None if demo else [dataset],
+        library_name="transformers", pipeline_tag=TASK, tags=tags, model_name=model_name,
+        eval_results=eval_results(figures, dataset, dataset_name),
+        **_license_metadata(model["name"], license_found),
+    )  # fmt: skip
+    body = "\n\n".join([
+        f"# {model_name}",
+        _what_it_is(run, model, revision, demo),
+        _recipe(run, model, adapter, stages, training),
+        _data(metadata, demo),
+        _evaluation(evaluation, figures),
+        _how_to_load(),
+        _license_text(model["name"], license_found),
+        _provenance(revision, made_by, evaluation),
+    ])  # fmt: skip
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+
+
+def _what_it_is(run: str, model: dict, revision: str | None, demo: bool) -> str:
+    at = f" at revision `{revision}`" if revision else ""
+    text = (
+        f"`{model['name']}`{at} with the LoRA adapter of the `{run}` run of the robovqa_ft "
+        "workflow merged into its weights, in "
+        f"{model['dtype']}, saved in Hugging Face format with its processor: "
+        "`AutoModelForImageTextToText.from_pretrained` loads it without peft."
+    )
+    if model["quantization"] == "nf4":
+        text += (
+            " The adapter was trained on the 4-bit NF4 base (QLoRA); it is merged into the base "
+            f"reloaded unquantized in {model['dtype']}, as peft documents, so this model's "
+            "outputs differ from the QLoRA model's by the base's quantization error."
+        )
+    if demo:
+        text += (
+            "\n\n**Demo**: a tiny randomly initialised model trained on synthetic data; it shows "
+            "that the pipeline works, not how a real model does."
+        )
+    return text
+
+
+def _recipe(run: str, model: dict, adapter: dict, stages: dict[str, dict], training: dict) -> str:
+    how = {
+        "stage1": "stage 1 only, from the base model (one question/answer pair a sample).",
+        "stage2": "the curriculum: stage 1 from the base model (one question/answer pair a "
+                  "sample), then stage 2 from the stage-1 adapter (each clip's questions as "
+                  "one multi-turn conversation), with a fresh optimizer and schedule.",
+        "stage2_only": "the ablation: stage 2 only, from the base model (each clip's "
+                       "questions as one multi-turn conversation).",
+    }[run]  # fmt: skip
+    keys = ("learning_rate", "scheduler", "warmup_ratio", "epochs", "batch_size", "grad_accum",
+            "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2", "max_frames",
+            "max_seq_len")  # fmt: skip
+    trained = CURRICULUM[run]
+    rows = [[key, *(stages[s][key] for s in trained)] for key in keys]
+    batches = [stages[s]["batch_size"] * stages[s]["grad_accum"] for s in trained]
+    rows.insert(6, ["global batch (batch_size × grad_accum)", *batches])
+    if model["quantization"] == "nf4":
+        weights = "4-bit NF4 with double quantization (QLoRA)"
+    else:
+        weights = f"{model['dtype']} (LoRA)"
+    if training["max_steps"] == -1:
+        steps = "the epochs decide the steps (max_steps -1)"
+    else:
+        steps = f"at most {training['max_steps']} optimizer steps a stage (max_steps)"
+    return "\n".join([
+        "## Training recipe",
+        "",
+        f"Run `{run}`: {how}",
+        "",
+        f"- LoRA r {adapter['r']}, alpha {adapter['lora_alpha']}, dropout "
+        f"{adapter['lora_dropout']}, on the language model's q, k, v, o, gate, up and down "
+        f"projections only (modules `{adapter['target_modules']}`); vision tower and "
+        "projector frozen.",
+        f"- Base weights during training: {weights}; compute dtype {model['dtype']}.",
+        f"- Seed {training['seed']}; {steps}; the loss falls on the answers only.",
+        "",
+        _table(["setting", *trained], rows),
+    ])  # fmt: skip
+
+
+def _data(metadata: dict, demo: bool) -> str:
+    split, frames = metadata["split"], metadata["frames"]
+    source = ("A synthetic bucket in the RoboVQA format (`source: demo`)" if demo else
+              f"RoboVQA ({ROBOVQA_URL}; the data is the public bucket `gs://gdm-robovqa`, not a "
+              f"Hub dataset: the `datasets` entry above names its GitHub repository), read "
+              f"from `{metadata['source']}`")  # fmt: skip
+    how = (f"a seeded hash of each video id (val_ratio {split['val_ratio']}, split_seed "
+           f"{split['split_seed']}), both bucket splits pooled" if split["method"] == "hash"
+           else "the bucket's own train/val split")  # fmt: skip
+    rows = [[name, stats["clips"], stats["stage1_samples"]]
+            for name, stats in metadata["splits"].items()]  # fmt: skip
+    return "\n".join([
+        "## Data",
+        "",
+        f"{source}. Split by video with {how}; subset_ratio {split['subset_ratio']}. "
+        f"{frames['per_clip']} frames a clip, stored at {frames['size'][0]}×{frames['size'][1]} "
+        "px; a sample takes the stage's `max_frames` of them, spread evenly and ending on the "
+        "last.",
+        "",
+        _table(["split", "clips", "questions"], rows),
+    ])  # fmt: skip
+
+
+def _evaluation(evaluation: dict, figures: list[Figure]) -> str:
+    from robovqa_ft.report import format_value  # matplotlib and pandas: not at import
+
+    answers = evaluation["answers"]
+    formats = answers["formats"]
+    trained = ", ".join(evaluation["trained_formats"]) or "none"
+    rows = [[f.name, format_value(f.metric, f.value), f"{f.count:,} {f.counted}"]
+            for f in figures]  # fmt: skip
+    floors = [[form, format_value("yes_no_accuracy", formats[form]["macro"].get(
+        "yes_no_majority_rate"))] for form in formats]  # fmt: skip
+    losses = [[s, format_value("val_loss", v["loss"]), f"{v['perplexity']:.2f}", v["tokens"],
+               v["samples"], v["clips"]] for s, v in evaluation["loss"].items()]  # fmt: skip
+    shown = [[form, f["frames"], f["max_seq_len"], f"{f['history_turns'] or 0:.2f}", f["prompt"]]
+             for form, f in formats.items()]  # fmt: skip
+    return "\n".join([
+        "## Evaluation (this run's eval.json)",
+        "",
+        "On this workflow's val split (clips never trained on), measured with the adapter "
+        "on the base as trained, before the merge: the merged model gives the same outputs "
+        "up to the rounding of the merged weights, except after QLoRA, whose figures are the "
+        "4-bit base's. "
+        f"Answers: {answers['questions']:,} {answers['from']}, each asked in both "
+        f"answer formats; {answers['decoding']}. Trained on format(s): {trained}. Yes/no "
+        "answers are scored by their first yes/no word, free-form ones by sacrebleu's "
+        "sentence BLEU (default settings) and exact match after normalization: RoboVQA BLEU "
+        "figures from other toolkits are not comparable. The controls ask the same yes/no "
+        "questions on blank frames and on another clip's frames (a model that learned from "
+        "the pixels beats both); the majority answer's share is the floor.",
+        "",
+        _table(["figure", "value", "rests on"], rows),
+        "",
+        _table(["val set", "loss (nats/token)", "perplexity", "tokens", "samples", "clips"],
+               losses),
+        "",
+        _table(["answer format", "majority floor"], floors),
+        "",
+        _table(["answer format", "frames", "max_seq_len", "history pairs (mean)", "prompt"],
+               shown),
+    ])  # fmt: skip
+
+
+def _how_to_load() -> str:
+    return "\n".join([
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "",
+        'model = AutoModelForImageTextToText.from_pretrained("<this folder or repo>")',
+        'processor = AutoProcessor.from_pretrained("<this folder or repo>")',
+        "```",
+        "",
+        "Prompt as in training: the frames open the first user turn, one image each (for "
+        "InternVL `Frame1: <image>` …, one tile a frame, `crop_to_patches=False`), then the "
+        "question; the answer is the assistant turn.",
+    ])  # fmt: skip
+
+
+def _license_text(name: str, found: dict) -> str:
+    if found:
+        stated = found.get("license_name") or found["license"]
+        text = f"The base model's: `{stated}`, as its card states" + (
+            f" ({found['license_link']})." if found.get("license_link") else "."
+        )  # fmt: skip
+    else:
+        text = (f"The base model's license applies; its card could not be read when this "
+                f"model was merged: see `{name}`.")  # fmt: skip
+    return f"## License\n\n{text} RoboVQA's own terms: {ROBOVQA_URL}."
+
+
+def _provenance(revision: str | None, made_by: dict, evaluation: dict) -> str:
+    packages = ", ".join(f"{k} {v}" for k, v in made_by["packages"].items())
+    evaluated = evaluation.get("provenance", {})
+    lines = [
+        "## Provenance",
+        "",
+        f"- Base revision: {revision or 'a local folder'}.",
+        f"- Merged by robovqa_ft at commit {made_by['git_commit']}, with {packages}.",
+        f"- Evaluated on {evaluation['hardware']}"
+        + (f", at commit {evaluated['git_commit']}." if evaluated else "."),
+    ]
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def _read_json(path: Path | str, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{what} {path} cannot be read: {error}") from error
+
+
+def merge_run(
+    adapter_dir: Path | str,
+    eval_json: Path | str,
+    metadata_json: Path | str,
+    out_dir: Path | str,
+    model: dict,
+    stages: dict[str, dict],
+    training: dict,
+    run: str,
+) -> Path:
+    """Write `out_dir`: the base of `model` (the config's model section) with `run`'s
+    adapter merged in, in `model["dtype"]`, its processor, and README.md, the model card.
+    `stages` holds the stage sections the run was trained with; the folder appears whole
+    or not at all."""
+    # the deep-learning stack, here and not at import (see the module's docstring)
+    from peft import PeftModel
+
+    from robovqa_ft.model import check_adapter, load_model, load_processor, resolved_revision
+    from robovqa_ft.provenance import provenance
+
+    check_adapter(adapter_dir, model["name"])  # before anything loads
+    evaluation = _read_json(eval_json, "eval.json")
+    if evaluation.get("run") != run:
+        raise ValueError(
+            f"{eval_json} is the evaluation of run {evaluation.get('run')!r}, not of {run!r}: "
+            "the card would state another model's figures"
+        )
+    metadata = _read_json(metadata_json, "the data's metadata")
+    adapter = _read_json(Path(adapter_dir) / "adapter_config.json", "the adapter's config")
+    revision = resolved_revision(model["name"], model.get("revision"))
+    processor = load_processor(model["name"], revision=revision)
+    # Unquantized whatever the run trained on; no forward pass runs here, and sdpa loads
+    # on any machine (a flash kernel would need its GPU).
+    base = load_model(model["name"], quantization="none", dtype=model["dtype"],
+                      attn_implementation="sdpa", gradient_checkpointing=False,
+                      revision=revision)  # fmt: skip
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    log.info("merged %s into %s (%s)", adapter_dir, model["name"], model["dtype"])
+    out_dir = Path(out_dir)
+    weights = sum(p.numel() * p.element_size() for p in merged.parameters())
+    require_free_space(out_dir, weights, f"the merged model of run {run}")
+    card = model_card(run, model, revision, adapter, stages, training, evaluation, metadata,
+                      base_license(model["name"], revision), provenance(1, revision))  # fmt: skip
+    with named_if_full(out_dir, "the merged model"), atomic_directory(out_dir) as folder:
+        merged.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        card.save(folder / "README.md")
+    log.info("wrote %s (%.1f MB of weights)", out_dir, weights / 1e6)
+    return out_dir

@@ -24,8 +24,8 @@ import google_crc32c
 from tqdm import tqdm
 
 from robovqa_ft.files import atomic_open
-from robovqa_ft.records import not_a_tfrecord
 from robovqa_ft.space import disk_full, is_disk_full, require_free_space, size_text
+from robovqa_ft.tfrecord import not_a_tfrecord
 
 log = logging.getLogger(__name__)
 

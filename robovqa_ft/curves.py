@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from robovqa_ft import ranks
 from robovqa_ft.files import atomic_open, remove_stale_parts, write_json_atomic
 from robovqa_ft.space import named_if_full
 from robovqa_ft.status import EVENTS_DIR, HEARTBEAT, duration, read_heartbeat
+from robovqa_ft.tfrecord import CorruptShardError, iter_tfrecord
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def keep_events_up_to(log_dir: Path, step: int) -> None:
     for path in sorted(Path(log_dir).glob(EVENTS_GLOB)):
         remove_stale_parts(path)  # a rewrite a kill interrupted
         data = path.read_bytes()
-        records = list(whole_records(data))
+        records = list(whole_records(path))
         kept = [stored for stored, payload in records if Event.FromString(payload).step <= step]
         if len(kept) < len(records) or sum(len(stored) for stored, _ in records) < len(data):
             with (
@@ -110,19 +110,16 @@ def keep_events_up_to(log_dir: Path, step: int) -> None:
                 out.writelines(kept)
 
 
-def whole_records(data: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(the record as stored, its payload) of each whole TFRecord in `data` (length, its
-    CRC, payload, its CRC), up to a last one cut short. The CRCs go unchecked: a kill cuts
-    a file short, it flips no bits. (records.py checks them, for the bucket's shards,
-    but it also decodes with TensorFlow, which a training process must not reach.)"""
-    offset = 0
-    while offset + 12 <= len(data):
-        (length,) = struct.unpack_from("<Q", data, offset)
-        end = offset + 12 + length + 4
-        if end > len(data):
-            return
-        yield data[offset:end], data[offset + 12 : end - 4]
-        offset = end
+def whole_records(path: Path) -> Iterator[tuple[bytes, bytes]]:
+    """(the record as stored, its payload) of each whole record of an event file (TFRecord
+    framing, read and checked by tfrecord.py), up to a last one a kill cut short."""
+    data = path.read_bytes()
+    try:
+        for offset, payload in iter_tfrecord(path):
+            yield data[offset : offset + 16 + len(payload)], payload
+    except CorruptShardError as error:
+        if not error.problem.startswith("truncated"):
+            raise  # not what a kill leaves: a damaged file, said as such
 
 
 class Heartbeat(TrainerCallback):

@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from robovqa_ft.files import atomic_open
 from robovqa_ft.qa import parse_qa_text
-from robovqa_ft.records import decode_sequence_example, iter_tfrecord
+from robovqa_ft.records import decode_sequence_example
 from robovqa_ft.space import named_if_full
+from robovqa_ft.tfrecord import iter_tfrecord
 
 log = logging.getLogger(__name__)
 

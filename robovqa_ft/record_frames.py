@@ -15,12 +15,8 @@ from google.protobuf.message import DecodeError
 from PIL import Image
 
 from robovqa_ft.frames import frame_name, resize_jpeg, video_id_for
-from robovqa_ft.records import (
-    CorruptShardError,
-    decode_sequence_example,
-    iter_tfrecord,
-    not_a_tfrecord,
-)
+from robovqa_ft.records import decode_sequence_example
+from robovqa_ft.tfrecord import CorruptShardError, iter_tfrecord, not_a_tfrecord
 
 # What the parent reads back: each asked clip id -> the folder (under OUT) of its frames.
 CLIPS_FILE = "clips.json"

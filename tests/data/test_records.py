@@ -1,10 +1,7 @@
 from fake_records import good_record
 
-from robovqa_ft.records import (
-    decode_sequence_example,
-    import_tensorflow,
-    iter_tfrecord,
-)
+from robovqa_ft.records import decode_sequence_example, import_tensorflow
+from robovqa_ft.tfrecord import iter_tfrecord
 
 
 def test_reader_matches_tensorflows_own_reader(make_shard):

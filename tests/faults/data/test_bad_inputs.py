@@ -12,7 +12,8 @@ from test_frames import read_index, run_extract  # tests/data's extraction helpe
 
 from robovqa_ft.bucket import BucketError, local_shards, prepare_source, read_manifest
 from robovqa_ft.demo_bucket import bad_record, sequence_example, write_tfrecord
-from robovqa_ft.records import CorruptShardError, import_tensorflow, iter_tfrecord
+from robovqa_ft.records import import_tensorflow
+from robovqa_ft.tfrecord import CorruptShardError, iter_tfrecord
 
 
 def test_local_source_without_shards_is_a_clear_error(tmp_path):
@@ -75,7 +76,25 @@ def test_truncated_shard_names_shard_and_offset(make_shard):
     assert error.value.offset == third
     assert str(error.value) == (
         f"{path}: truncated record (payload) at byte offset {third}. The shard is damaged "
-        "or was cut short; fetch it again (delete it and re-run the download rule)."
+        "or was cut short: replace it with a good copy and run again (deleted, its clips "
+        "would be left out without an error)."
+    )
+
+
+def test_a_damaged_downloaded_shard_is_fetched_anew_not_replaced_by_hand(
+    make_shard, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # a job's working directory: results/bucket/ holds downloads
+    shard = make_shard([good_record("clip-0", 0)], name="train-00000-of-00001")
+    downloaded = tmp_path / "results" / "bucket" / "gdm-robovqa" / "tfrecord" / "train"
+    downloaded.mkdir(parents=True)
+    path = downloaded / shard.name
+    path.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(CorruptShardError) as error:
+        list(iter_tfrecord(path))
+    assert str(error.value).endswith(
+        "The shard is damaged or was cut short: delete it and run again with --forcerun "
+        "download, which fetches it anew."
     )
 
 

@@ -172,7 +172,7 @@ def test_changing_bookkeeping_settings_after_a_run_plans_nothing(trained, cluste
     changed.write_text(yaml.safe_dump({"training": {
         "gpus": 1, "hang_timeout_minutes": 7, "stop_grace_seconds": 60, "logging_steps": 3,
         "eval_steps": 7, "eval_clips": 5, "save_steps": 9, "save_every_minutes": 5,
-        "save_total_limit": 4, "dataloader_workers": 1},
+        "save_total_limit": 4, "dataloader_workers": 1, "report_to": []},
         "evaluation": {"generation_batch_size": 3, "dataloader_workers": 2}}))  # fmt: skip
     for section in ("training", "evaluation"):
         assert set(yaml.safe_load(changed.read_text())[section]) == BOOKKEEPING[section]

@@ -1,7 +1,9 @@
 """The training run's memory guard: stop with a checkpoint before the trainer takes more
 memory than `model.max_memory_gb`. Where the GPU shares the host's memory (DGX Spark) an
 over-budget run does not fail, it thrashes and hangs; elsewhere it dies of an
-out-of-memory error mid-step and loses every step since the last checkpoint.
+out-of-memory error mid-step and loses every step since the last checkpoint. It watches
+what would run out (`memory_reading`): on a GPU of its own, what a step's tensors took,
+not the freed blocks torch's allocator keeps cached and gives back before it would fail.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 import resource
 import sys
 from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,9 +31,13 @@ GB = 2**30  # as model.py reads max_memory_gb for the CUDA cap
 # A step's growth seen so far is no bound on the next one's (a longer batch, the
 # allocator's rounding): the headroom is never less than this share of the limit.
 HEADROOM_FLOOR = 0.02
+# Blocks are rounded up and split, and a freed one may fit no later request: a step can
+# need this share more of the allocator's cap than its peak of allocated memory.
+FRAGMENTATION_MARGIN = 0.10
 _STATUS = Path("/proc/self/status")
 STOPPED_FILE = "memory_guard.json"  # beside the checkpoints: the last stop, for a retry
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_highest_step_peak = 0  # bytes: the allocator's peaks that the guard's resets cleared
 
 
 def refuse_a_repeat(checkpoint_dir: Path, limit: float | None, fingerprint: str) -> None:
@@ -76,37 +82,70 @@ def host_memory_gb() -> float:
     return kilobytes * 1024 / GB
 
 
-def memory_in_use_gb(unified: bool) -> float:
-    """What the guard watches, in GB.
+@dataclass(frozen=True)
+class Reading:
+    """What the guard watches: its name, for the messages, and its measure in GB."""
 
-    On a GPU with its own memory: what torch's CUDA allocator holds (`memory_reserved`; it
-    keeps freed blocks, so at a step's end it holds at least that step's peak). On the CPU:
-    the host's peak resident memory since the last call. On a GPU that shares the host's
-    memory: both, added, since the driver takes CUDA's memory outside the process's
-    resident pages, and both come out of the one memory.
+    name: str
+    measure: Callable[[], float]
+
+
+def memory_reading() -> Reading:
+    """What would run out first on this process's machine.
+
+    On the CPU: the host's peak resident memory since the last measure. On a GPU that
+    shares the host's memory: CUDA's reserved memory and the host's resident memory,
+    added, since the driver takes CUDA's memory outside the process's resident pages,
+    both come out of the one memory, and blocks the allocator keeps cached are as gone to
+    the host as blocks in use. On a GPU with its own memory: the most the step's tensors
+    took (the allocator's peak since the last measure), plus `FRAGMENTATION_MARGIN`. Not
+    what the allocator reserves: it keeps freed blocks up to its cap (`load_model` sets it
+    at the limit) and frees them before it would fail, so with batches of varying shapes
+    its reserve climbs to the cap in a healthy run.
     """
     if not torch.cuda.is_available():
-        return host_memory_gb()
-    reserved = torch.cuda.memory_reserved() / GB
-    return reserved + host_memory_gb() if unified else reserved
+        return Reading("host resident memory", host_memory_gb)
+    if unified_memory():
+        return Reading("host resident + CUDA reserved memory", _reserved_and_resident_gb)
+    margin = f"+{FRAGMENTATION_MARGIN:.0%} for fragmentation"
+    return Reading(f"CUDA peak allocated memory per step ({margin})", _step_peak_gb)
 
 
-def _watched(unified: bool) -> str:
+def _reserved_and_resident_gb() -> float:
+    return torch.cuda.memory_reserved() / GB + host_memory_gb()
+
+
+def _step_peak_gb() -> float:
+    """The allocator's peak since the last call, with the margin; then a new peak."""
+    global _highest_step_peak
+    peak = torch.cuda.max_memory_allocated()
+    _highest_step_peak = max(_highest_step_peak, peak)
+    torch.cuda.reset_peak_memory_stats()
+    return peak * (1 + FRAGMENTATION_MARGIN) / GB
+
+
+def cuda_peak_allocated_gb() -> float:
+    """torch's `max_memory_allocated` since the process started, in GB, though the guard
+    resets the allocator's peak at each step; 0 without CUDA."""
     if not torch.cuda.is_available():
-        return "host resident memory"
-    return "host resident + CUDA reserved memory" if unified else "CUDA reserved memory"
+        return 0.0
+    return max(_highest_step_peak, torch.cuda.max_memory_allocated()) / GB
 
 
 class MemoryGuard(TrainerCallback):
-    """Measures the trainer's memory at each step's end (`memory_in_use_gb`) against
-    `model.max_memory_gb`, with a headroom of the largest growth from one step's end to
-    the next seen so far (at least `HEADROOM_FLOOR` of the limit):
+    """Measures the trainer's memory at each step's end against `model.max_memory_gb`
+    (`memory_reading`, chosen once: on a GPU with its own memory the step's peak of
+    allocated memory plus a fragmentation margin, on one that shares the host's memory
+    CUDA's reserved plus the host's resident memory, on the CPU the host's peak resident
+    memory), with a headroom of the largest growth from one step's end to the next seen
+    so far (at least `HEADROOM_FLOOR` of the limit):
 
     - measured at or over the limit: the step crossed it (on a GPU with its own memory
-      `load_model` also caps CUDA's allocations at the limit, so there an overshoot is a
-      CUDA out-of-memory error within the step instead). The job stops at once, non-zero,
-      and saves nothing: saving takes more memory still, and on a shared-memory machine
-      the process may already be swapping. A rerun resumes from the last checkpoint.
+      `load_model` also caps CUDA's allocations at the limit, so there a step that crossed
+      it died of an out-of-memory error, and this one came within the fragmentation
+      margin of it). The job stops at once, non-zero, and saves nothing: saving takes
+      more memory still, and on a shared-memory machine the process may already be
+      swapping. A rerun resumes from the last checkpoint.
     - within the headroom of it: the next step could cross it. A checkpoint is saved at
       this step, training stops, and `stop_message` (for a SystemExit) says what to lower.
       Not on the last step: no step follows it.
@@ -123,7 +162,7 @@ class MemoryGuard(TrainerCallback):
         stage: dict,
         checkpoint_dir: Path,
         fingerprint: str = "",
-        measure: Callable[[], float] | None = None,
+        reading: Reading | None = None,
     ):
         self.limit = model.get("max_memory_gb")
         self.checkpointing = model.get("gradient_checkpointing", True)
@@ -135,19 +174,19 @@ class MemoryGuard(TrainerCallback):
         if self.limit is None:
             log.info("model.max_memory_gb is not set: no memory guard")
             return
-        unified = unified_memory()
-        self.watched = _watched(unified)
-        self.measure = measure or partial(memory_in_use_gb, unified)
-        log.info("memory guard: %s against model.max_memory_gb = %g GB", self.watched, self.limit)
+        self.reading = reading or memory_reading()
+        log.info(
+            "memory guard: %s against model.max_memory_gb = %g GB", self.reading.name, self.limit
+        )
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.limit is not None:
-            self.measure()  # the peak of loading the model is no step's
+            self.reading.measure()  # the peak of loading the model is no step's
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.limit is None:
             return
-        current = self.measure()
+        current = self.reading.measure()
         if self.previous is not None:
             self.growth = max(self.growth, current - self.previous)
         self.previous = current
@@ -158,7 +197,7 @@ class MemoryGuard(TrainerCallback):
             last = latest_complete_checkpoint(self.checkpoint_dir)
             resume = f"a rerun resumes from {last.name}" if last else "no checkpoint yet"
             message = (
-                f"step {step}: {self.watched} reached {current:.2f} GB, over "
+                f"step {step}: {self.reading.name} reached {current:.2f} GB, over "
                 f"model.max_memory_gb = {self.limit:g} GB, within this step; stopped without "
                 f"saving ({resume} in {self.checkpoint_dir}). {self._what_to_lower()}"
             )
@@ -167,7 +206,7 @@ class MemoryGuard(TrainerCallback):
             raise SystemExit(message)
         if current + headroom >= self.limit and step < state.max_steps:
             self.stop_message = (
-                f"step {step}: {self.watched} reached {current:.2f} GB of model.max_memory_gb "
+                f"step {step}: {self.reading.name} reached {current:.2f} GB of model.max_memory_gb "
                 f"= {self.limit:g} GB, and the next step could add {headroom:.2f} GB; saved "
                 f"checkpoint-{step} in {self.checkpoint_dir} and stopped. "
                 f"{self._what_to_lower()}"

@@ -42,7 +42,7 @@ from robovqa_ft.curves import TENSORBOARD, Heartbeat, TensorBoardCurves, trainer
 from robovqa_ft.files import atomic_directory, atomic_open, write_json_atomic
 from robovqa_ft.launch import per_rank_accumulation
 from robovqa_ft.loss import labelled_token_losses, loss_sums
-from robovqa_ft.memory import MemoryGuard, refuse_a_repeat
+from robovqa_ft.memory import MemoryGuard, cuda_peak_allocated_gb, refuse_a_repeat
 from robovqa_ft.model import (
     attach_lora,
     check_adapter,
@@ -180,7 +180,7 @@ class MetricsLog(TrainerCallback):
         samples, tokens, computed, dropped, skipped = ranks.summed(
             [self.samples, self.tokens, self.computed, self.dropped, self.skipped]
         )
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
+        peak = cuda_peak_allocated_gb()  # since the process started, as the guard resets it
         (peak,) = ranks.highest([peak])
         self.window_start, self.samples, self.tokens, self.computed = time.monotonic(), 0, 0, 0
         self.dropped = self.skipped = 0

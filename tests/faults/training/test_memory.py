@@ -1,31 +1,34 @@
 """The memory guard (`robovqa_ft.memory`): a run near `model.max_memory_gb` saves and stops,
-one over it stops without saving. On the CPU only: the guard's measurement is the host's
-resident memory here; its CUDA path (`memory_reserved`, shared-memory GPUs) is untested."""
+one over it stops without saving. Runs on the CPU: whole trainings measure the host's
+resident memory; the GPU readings are driven by a stand-in for torch's CUDA allocator."""
 
 import logging
 import tempfile
+from types import SimpleNamespace
 
 import pytest
+import torch
 from training_helpers import csv_rows, train_tiny
 from transformers import TrainerControl, TrainerState
 
 from robovqa_ft import memory
 from robovqa_ft.checkpoints import COMPLETE_MARKER
-from robovqa_ft.memory import MemoryGuard, host_memory_gb
+from robovqa_ft.memory import GB, MemoryGuard, Reading, host_memory_gb
+from robovqa_ft.train import MetricsLog
 
 STAGE = {"batch_size": 4, "grad_accum": 2, "max_frames": 4, "max_seq_len": 512}
 
 
 def fake_memory(monkeypatch, per_step):
-    """The guard measures `per_step(step)` GB at each step's end (its first call, at the
-    training's start, is step 0)."""
+    """The guard measures `per_step(step)` GB of host memory at each step's end (its first
+    call, at the training's start, is step 0)."""
     calls = []
 
-    def measure(unified):
-        calls.append(unified)
-        return per_step(len(calls) - 1)
+    def measure():
+        calls.append(len(calls))
+        return per_step(calls[-1])
 
-    monkeypatch.setattr(memory, "memory_in_use_gb", measure)
+    monkeypatch.setattr(memory, "host_memory_gb", measure)
     return calls
 
 
@@ -98,7 +101,7 @@ def guard_steps(values, max_steps=10, limit=2.0, stage=STAGE):
     feed = iter([0.0, *values])
     with tempfile.TemporaryDirectory() as checkpoints:  # where a stop is remembered
         guard = MemoryGuard({"max_memory_gb": limit}, stage, checkpoints,
-                            measure=lambda: next(feed))  # fmt: skip
+                            reading=Reading("memory", lambda: next(feed)))  # fmt: skip
         state, controls = TrainerState(max_steps=max_steps), []
         guard.on_train_begin(None, state, TrainerControl())
         for step in range(1, len(values) + 1):
@@ -140,7 +143,8 @@ def test_without_a_limit_nothing_is_measured_and_that_is_logged_once(caplog):
         raise AssertionError("measured with no limit")
 
     with caplog.at_level(logging.INFO, logger="robovqa_ft.memory"):
-        guard = MemoryGuard({"max_memory_gb": None}, STAGE, "unused", measure=measure)
+        guard = MemoryGuard({"max_memory_gb": None}, STAGE, "unused",
+                            reading=Reading("memory", measure))  # fmt: skip
         state, control = TrainerState(max_steps=3, global_step=1), TrainerControl()
         guard.on_train_begin(None, state, control)
         guard.on_step_end(None, state, control)
@@ -155,3 +159,101 @@ def test_the_host_measurement_counts_a_peak_freed_before_the_steps_end():
     peak = host_memory_gb()
     after = host_memory_gb()
     assert peak - after > 0.2  # the freed 256 MB counted once, then the mark was reset
+
+
+class FakeAllocator:
+    """A stand-in for torch's CUDA caching allocator, in GB. A step allocates `need` on
+    top of what stays allocated (the model) and frees it at its end, but the allocator
+    keeps the freed blocks, up to its cap: batches of other shapes fit no cached block, so
+    its reserved memory climbs toward the cap while what any step needed stays low."""
+
+    def __init__(self, cap: float, kept: float):
+        self.cap, self.allocated = cap * GB, kept * GB
+        self.reserved = self.peak = self.allocated
+        self.resets = 0
+
+    def step(self, need: float) -> None:
+        self.peak = max(self.peak, self.allocated + need * GB)
+        self.reserved = min(self.cap, self.reserved + need * GB)
+
+    def reset_peak_memory_stats(self, device=None) -> None:
+        self.resets += 1
+        self.peak = self.allocated
+
+
+def fake_gpu(monkeypatch, allocator: FakeAllocator, integrated: bool) -> None:
+    """This process on one GPU, of its own memory or sharing the host's (`integrated`),
+    whose CUDA allocator is `allocator`."""
+    properties = SimpleNamespace(is_integrated=integrated, total_memory=allocator.cap)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: allocator.reserved)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocator.peak)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", allocator.reset_peak_memory_stats)
+
+
+def guard_on_gpu(allocator, needs, limit=8.0, max_steps=20):
+    """The guard, measuring for itself, over steps that each need `needs[i]` GB more than
+    the model; the step it stopped at (None: it did not) and its stop message."""
+    with tempfile.TemporaryDirectory() as checkpoints:
+        guard = MemoryGuard({"max_memory_gb": limit}, STAGE, checkpoints)
+        state = TrainerState(max_steps=max_steps)
+        guard.on_train_begin(None, state, TrainerControl())
+        for step, need in enumerate(needs, 1):
+            allocator.step(need)
+            state.global_step, control = step, TrainerControl()
+            guard.on_step_end(None, state, control)
+            if control.should_training_stop:
+                return step, guard.stop_message
+    return None, guard.stop_message
+
+
+# Batches of varying length: 0.5 to 1.5 GB of activations over a 3 GB model.
+VARYING_NEEDS = [0.5, 1.5, 0.8, 1.2, 0.6, 1.4, 1.0, 0.7, 1.3, 0.9, 1.1, 0.5]
+
+
+def test_on_a_gpu_of_its_own_cached_blocks_do_not_stop_a_run_whose_steps_need_little(
+    monkeypatch,
+):
+    allocator = FakeAllocator(cap=8.0, kept=3.0)  # load_model caps CUDA at the limit
+    fake_gpu(monkeypatch, allocator, integrated=False)
+    stopped_at, message = guard_on_gpu(allocator, VARYING_NEEDS, limit=8.0)
+    assert stopped_at is None, message  # no step needed more than 4.5 GB ...
+    assert allocator.reserved == 8.0 * GB  # ... of all the allocator holds, by design
+    assert allocator.resets == 1 + len(VARYING_NEEDS)  # at the start and after each step
+
+
+def test_on_a_gpu_sharing_the_hosts_memory_reserved_and_host_memory_stop_the_run(monkeypatch):
+    # Unified memory (DGX Spark): the allocator's cached blocks are taken from the host,
+    # whose processes can then thrash, so what it holds counts with the resident pages.
+    allocator = FakeAllocator(cap=8.0, kept=3.0)
+    fake_gpu(monkeypatch, allocator, integrated=True)
+    monkeypatch.setattr(memory, "host_memory_gb", lambda: 2.5)
+    stopped_at, message = guard_on_gpu(allocator, VARYING_NEEDS, limit=8.0)
+    assert stopped_at == 2, message  # 5 GB reserved + 2.5 resident, and 1.5 could follow
+    assert message.startswith("step 2: host resident + CUDA reserved memory reached 7.50 GB")
+    assert allocator.resets == 0  # the allocator's peak is not what is watched here
+
+
+def test_on_a_gpu_of_its_own_a_step_whose_peak_nears_the_limit_stops_the_run(monkeypatch):
+    allocator = FakeAllocator(cap=8.0, kept=3.0)
+    fake_gpu(monkeypatch, allocator, integrated=False)
+    # Peaks of 4, 5, 6 and 7 GB allocated: 4.4 ... 7.7 GB with the fragmentation margin.
+    stopped_at, message = guard_on_gpu(allocator, [1.0, 2.0, 3.0, 4.0], limit=8.0)
+    assert stopped_at == 4
+    assert message.startswith(
+        "step 4: CUDA peak allocated memory per step (+10% for fragmentation) reached "
+        "7.70 GB of model.max_memory_gb = 8 GB, and the next step could add 1.10 GB"
+    )
+
+
+def test_the_logged_peak_memory_is_the_runs_highest_though_the_guard_resets_it_each_step(
+    monkeypatch, tmp_path
+):
+    allocator = FakeAllocator(cap=8.0, kept=3.0)
+    fake_gpu(monkeypatch, allocator, integrated=False)
+    monkeypatch.setattr(memory, "_highest_step_peak", 0)  # this test's steps only
+    guard_on_gpu(allocator, [2.0, 0.5])  # 5 GB at step 1, then 3.5: the last reset
+    metrics = MetricsLog(tmp_path, resumed_step=0, eval_samples=0)
+    assert metrics.figures()["peak_memory_gb"] == 5.0

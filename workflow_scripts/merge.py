@@ -1,16 +1,14 @@
 """Snakemake adapter: merge one run's adapter into the base model, on the CPU, and write
 its model card."""
 
-import os
+from robovqa_ft.devices import allocated_gpus
+from robovqa_ft.logs import log_to
 
-# A CPU job asks for no GPU, so it takes none (a training may hold them); CUDA reads this
-# when it starts, which nothing has made it do yet.
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# A CPU job: it takes no GPU (a training may hold them all), chosen before the library
+# is imported, since importing peft starts CUDA.
+with log_to(snakemake.log[0]), allocated_gpus(0):
+    from robovqa_ft.merge import merge_run
 
-from robovqa_ft.logs import log_to  # noqa: E402
-from robovqa_ft.merge import merge_run  # noqa: E402
-
-with log_to(snakemake.log[0]):
     merge_run(
         adapter_dir=snakemake.input.adapter,
         eval_json=snakemake.input.eval,

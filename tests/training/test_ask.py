@@ -17,7 +17,8 @@ from PIL import Image
 from training_helpers import train_tiny
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from robovqa_ft.ask import AskError, ask, frame_jpegs, main, model_source, workflow_config
+from robovqa_ft.answering import AskError, ask, frame_jpegs, model_source, workflow_config
+from robovqa_ft.ask import main
 from robovqa_ft.evaluate import evaluate_run
 from robovqa_ft.frames import resize_jpeg, resized_jpeg
 

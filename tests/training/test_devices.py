@@ -2,9 +2,12 @@
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +103,55 @@ def test_the_devices_a_scheduler_gave_are_the_only_candidates(tmp_path, monkeypa
     with allocated_gpus(1, lock_dir=tmp_path) as devices:
         assert devices == ["4"] and os.environ["CUDA_VISIBLE_DEVICES"] == "4"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,6"  # restored for the next job
+
+
+def test_a_command_run_through_the_devices_launcher_gets_a_free_gpu_and_holds_it(tmp_path):
+    # a benchmark on a shared node: GPUs 0 and 1 are a training's, the command gets 2
+    training = holder(2, tmp_path)
+    assert devices_of(training) == {"0", "1"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": DEVICES, "ROBOVQA_GPU_LOCK_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "robovqa_ft.devices", "1", "--", sys.executable, "-c",
+               "import os, sys; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); "
+               "sys.stdin.readline()"]  # fmt: skip
+    launched = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)  # fmt: skip
+    try:
+        assert devices_of(launched) == {"2"}
+        # the command itself holds GPU 2 (the launcher became it): one more job gets only 3
+        late = holder(2, tmp_path)
+        assert devices_of(late, timeout=1.0) is None
+        late.kill()
+        late.wait()
+        release(launched)
+    finally:
+        for process in (training, launched):
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
+def test_a_second_user_of_the_node_shares_the_lock_folder():
+    # root's job makes the folder and locks GPU 0; another user's job must see that lock
+    # and take GPU 1 (before, the folder was root's 0755 and the other user could not lock)
+    top = Path(tempfile.mkdtemp())  # pytest's tmp_path is in a folder only root can enter
+    top.chmod(0o755)
+    shared = top / "locks" / "local"
+    first = holder(1, shared)
+    assert devices_of(first) == {"0"}
+    # the user changes once Python and the package are loaded (nobody cannot read /root)
+    as_nobody = HOLD.replace(
+        "with allocated_gpus", "os.setgid(65534); os.setuid(65534)\nwith allocated_gpus", 1
+    )
+    second = subprocess.Popen(
+        [sys.executable, "-c", as_nobody, "1", DEVICES, str(shared)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        got = devices_of(second)
+        assert got == {"1"}, second.stderr.read() if got is None else got
+        release(second)
+    finally:
+        for process in (first, second):
+            process.kill()
+            process.wait()
+        shutil.rmtree(top)

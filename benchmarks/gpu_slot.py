@@ -14,8 +14,8 @@ traceback of any failure to OUT/gpu_slot_errors.txt):
   1. a header: date, device, Python, and each package's version and where it came from;
   2. a smoke run: every setup below on the tiny InternVL (seconds on a GPU); a setup that
      fails here is left out of the full-size run, so a broken path costs no 8B time;
-  3. InternVL3-8B, the setups in `SLOT_ORDER` (the seed's, bf16 LoRA, then the likely
-     fastest), each built in memory on the GPU in bf16 with random weights (no 16 GB
+  3. InternVL3-8B, the setups in `flop_order` (the seed's and bf16 LoRA, then the fewest
+     counted executed FLOPs first; packing only with flash-attention 2), each built in memory on the GPU in bf16 with random weights (no 16 GB
      save and load; nf4 quantized where it sits, as `from_pretrained` would), prepared
      by the project's `prepare_model` and `attach_lora`; one warm-up and one timed step
      of 32 samples per stage;
@@ -51,8 +51,10 @@ from train_step import (
     device_peak,
     encode,
     free_memory,
+    lora_parameters,
     setups,
     stage_lines,
+    step_flops,
 )
 from transformers import InternVLForConditionalGeneration
 from transformers.quantizers import AutoHfQuantizer
@@ -61,20 +63,43 @@ from transformers.utils import is_flash_attn_2_available
 from robovqa_ft.model import FAMILIES, attach_lora, nf4_config, prepare_model
 from robovqa_ft.random_model import ARCHITECTURES, internvl_config
 
-# train_step's setups, by number: the seed's (1) and bf16 LoRA (3) first, as the
-# baselines; then those likely fastest (packing, no checkpointing); the rest.
-SLOT_ORDER = (1, 3, 7, 8, 4, 6, 5, 2)
-FLASH_ORDER = (1, 3, 10, 9, 7, 8, 4, 11, 6, 5, 2)  # where flash-attn 2 is installed
+# train_step's setups, by number: the seed's (1) and bf16 LoRA (3) first, the baselines
+# every other is compared with; the rest in `flop_order`.
+BASELINES = (1, 3)
 DEFAULT_PEAK_GB = 60.0  # the default must fit an 80 GB card
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "huggingface_hub",
             "safetensors", "bitsandbytes")  # fmt: skip
 
 
 def slot_setups(flash: bool, only: list[int] | None = None) -> list[tuple[int, Setup]]:
-    """(number, setup) in the slot's order, or in `only`'s."""
+    """(number, setup) of train_step's setups, or of `only`'s, in that order."""
     chosen = setups(flash)
-    order = only or (FLASH_ORDER if flash else SLOT_ORDER)
-    return [(number, chosen[number - 1]) for number in order]
+    return [(number, chosen[number - 1]) for number in only or range(1, len(chosen) + 1)]
+
+
+def flop_order(
+    chosen: list[tuple[int, Setup]], config, samples: dict[str, list[dict]], per_step: int
+) -> tuple[list[tuple[tuple[int, Setup], float]], list[tuple[tuple[int, Setup], float]]]:
+    """(the setups to run, those left out), each with its counted executed FLOPs of a
+    stage-1 plus a stage-2 step (train_step.executed_flops): the baselines first, then the
+    fewest FLOPs first. Packing runs only with flash-attention 2, whose varlen kernel
+    attends within each sample: under SDPA a packed micro-batch is one row with a dense
+    block mask over all its samples (at stage 2, micro-batch 8, ~6x the attention of
+    padding to the longest), the slowest way to spend the slot."""
+    lora = lora_parameters(config, LORA["r"])
+    counted = {
+        number: sum(step_flops(config, setup, samples[stage], per_step, lora)[1]
+                    for stage in samples)
+        for number, setup in chosen
+    }  # fmt: skip
+
+    def rank(numbered: tuple[int, Setup]) -> tuple[int, float]:
+        number = numbered[0]
+        return (0, BASELINES.index(number)) if number in BASELINES else (1, counted[number])
+
+    ordered = [((n, s), counted[n]) for n, s in sorted(chosen, key=rank)]
+    dense = [o for o in ordered if o[0][1].padding == "packed" and o[0][1].attention == "sdpa"]
+    return [o for o in ordered if o not in dense], dense
 
 
 def versions() -> str:
@@ -156,6 +181,17 @@ def run_phase(
     _, peak = device_peak(args)
     emit(f"## {title}: {architecture}, {settings.dtype}, built on {device}, "
          f"{settings.samples_per_step} samples a step, {settings.steps} timed")  # fmt: skip
+    ordered, dense = flop_order(chosen, config, samples, settings.samples_per_step)
+    if not args.only:  # a stated order and choice are kept
+        chosen = [setup for setup, _ in ordered]
+        if dense:
+            emit(
+                "left out, packed under SDPA (a dense block mask over the whole row): "
+                + "; ".join(f"setup {n} {flops / 1e12:.3g} TFLOP" for (n, _), flops in dense)
+            )
+    counts = "; ".join(f"setup {n} {flops / 1e12:.3g}" for (n, _), flops in ordered)
+    emit(f"order (baselines, then by counted executed TFLOP of a stage-1 + stage-2 step): "
+         f"{counts}")  # fmt: skip
     emit(COLUMNS)
     results: dict[int, dict] = {}
     estimate = first_estimate  # then the setup before's seconds

@@ -54,7 +54,8 @@ from robovqa_ft.train import CurriculumTrainer, MetricsLog, training_arguments
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
 LORA = CONFIG["lora"]  # r 128, alpha 256, as config.yaml
 COLUMNS = ("stage | quantization | gradient checkpointing | attention | micro-batch | padding | "
-           "s/step | tokens/s | TFLOP/s | MFU | peak GB | real tokens")  # fmt: skip
+           "s/step | tokens/s | TFLOP/s | MFU | peak GB | real tokens | "
+           "executed TFLOP/step (counted)")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,14 +141,29 @@ class StepTimer(TrainerCallback):
         self.last = now
 
 
+def language_sizes(config) -> tuple[int, int, int]:
+    """(the decoder layers' matmul weights N_lm, layers, hidden size) of the language model."""
+    text = config.text_config
+    d, layers = text.hidden_size, text.num_hidden_layers
+    kv = text.num_key_value_heads * d // text.num_attention_heads
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * text.intermediate_size  # q,o + k,v + MLP
+    return layers * per_layer, layers, d
+
+
+def lora_parameters(config, r: int) -> int:
+    """LoRA's trainable weights at rank `r` on the language model's seven projections."""
+    text = config.text_config
+    d, inner = text.hidden_size, text.intermediate_size
+    kv = text.num_key_value_heads * d // text.num_attention_heads
+    per_layer = r * ((d + d) * 2 + (d + kv) * 2 + (d + inner) * 3)  # q,o; k,v; gate,up,down
+    return text.num_hidden_layers * per_layer
+
+
 def model_flops(config, lengths: list[int], labelled: int, tiles: int, lora_params: int) -> float:
     """Model FLOPs of one optimizer step over samples of `lengths` tokens, `labelled` of them
     labelled, with `tiles` image tiles in all (module docstring)."""
     text, vision = config.text_config, config.vision_config
-    d, layers = text.hidden_size, text.num_hidden_layers
-    kv = text.num_key_value_heads * d // text.num_attention_heads
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * text.intermediate_size  # q,o + k,v + MLP
-    n_lm = layers * per_layer
+    n_lm, layers, d = language_sizes(config)
     dv, lv = vision.hidden_size, vision.num_hidden_layers
     n_vit = lv * (4 * dv * dv + 2 * dv * vision.intermediate_size)
     patches = (vision.image_size[0] // vision.patch_size[0]) ** 2 + 1
@@ -158,6 +174,66 @@ def model_flops(config, lengths: list[int], labelled: int, tiles: int, lora_para
     language += 4 * d * text.vocab_size * labelled  # the head, on labelled positions only
     visual = tiles * (2 * n_vit * patches + 4 * lv * dv * patches**2 + 2 * n_proj * projected)
     return language + visual
+
+
+def computed_layout(setup: Setup, lengths: list[int]) -> tuple[list[int], list[tuple[int, bool]]]:
+    """What the kernels compute for one step of samples of `lengths` under `setup`: the
+    rows' lengths (every linear layer runs on each row's every position) and the attention
+    squares, each (side, whether the whole square is computed rather than its causal half).
+
+    A padded micro-batch is as many rows as samples, each as long as its longest (grouped:
+    the step's samples sorted first, as the sampler groups them). A packed one is one row
+    holding them all. SDPA and eager take a mask as soon as a row is padded or packed, and
+    then compute each row's whole square (no kernel skips masked blocks): for packing, a
+    square over every sample of the micro-batch. Flash-attention 2 unpads and attends
+    within each sample, causally, whatever the layout.
+    """
+    if setup.padding == "grouped":
+        lengths = sorted(lengths)
+    size = setup.micro_batch
+    rows: list[int] = []
+    squares: list[tuple[int, bool]] = []
+    for batch in (lengths[i : i + size] for i in range(0, len(lengths), size)):
+        layout = [sum(batch)] if setup.padding == "packed" else [max(batch)] * len(batch)
+        rows += layout
+        if setup.attention == "flash_attention_2":
+            squares += [(length, False) for length in batch]
+        else:
+            masked = setup.padding == "packed" or len(set(batch)) > 1
+            squares += [(side, masked) for side in layout]
+    return rows, squares
+
+
+def executed_flops(
+    config, setup: Setup, lengths: list[int], labelled: int, tiles: int, lora_params: int
+) -> float:
+    """FLOPs the kernels execute for one step (counted, not measured): the model FLOPs of
+    the computed rows (padding included) with their attention as `computed_layout` says,
+    and with gradient checkpointing each decoder layer's forward once more in the backward
+    pass."""
+    rows, squares = computed_layout(setup, lengths)
+    n_lm, layers, d = language_sizes(config)
+    causal_halves = sum((2 if whole else 1) * side * side for side, whole in squares)
+    flops = model_flops(config, rows, labelled, tiles, lora_params)
+    flops += 6 * layers * d * (causal_halves - sum(r * r for r in rows))  # model_flops' rows
+    if setup.gradient_checkpointing:
+        flops += (2 * n_lm + 2 * lora_params) * sum(rows) + 2 * layers * d * causal_halves
+    return flops
+
+
+def step_flops(
+    config, setup: Setup, samples: list[dict], per_step: int, lora_params: int
+) -> tuple[float, float]:
+    """(model FLOPs, executed FLOPs) of the average step of `per_step` of `samples`."""
+    model = executed = 0.0
+    steps = [samples[i : i + per_step] for i in range(0, len(samples), per_step)]
+    for step in steps:
+        figures = ([len(s["input_ids"]) for s in step],
+                   sum(int((torch.as_tensor(s["labels"]) != IGNORE_INDEX).sum()) for s in step),
+                   sum(len(s["pixel_values"]) for s in step))  # fmt: skip
+        model += model_flops(config, *figures, lora_params)
+        executed += executed_flops(config, setup, *figures, lora_params)
+    return model / len(steps), executed / len(steps)
 
 
 def encode(paths: dict, processor, stage: str, count: int) -> list[dict]:
@@ -214,14 +290,11 @@ def measure(
     computed = sum(c for _, _, c in timed) / len(timed)
     # Steps draw their samples at random: count the FLOPs of the average step.
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    flops = model_flops(
-        model.config, [len(s["input_ids"]) for s in samples],
-        sum(int((torch.as_tensor(s["labels"]) != IGNORE_INDEX).sum()) for s in samples),
-        sum(len(s["pixel_values"]) for s in samples), lora_params,
-    ) * args.samples_per_step / len(samples)  # fmt: skip
+    flops, executed = step_flops(model.config, setup, samples, args.samples_per_step, lora_params)
     del trainer
     return {"seconds": seconds, "tokens_per_s": real / seconds, "tflops": flops / seconds / 1e12,
-            "peak_gb": peak, "real_share": real / computed}  # fmt: skip
+            "peak_gb": peak, "real_share": real / computed,
+            "executed_tflop": executed / 1e12}  # fmt: skip
 
 
 def stage_lines(
@@ -257,7 +330,8 @@ def stage_lines(
             mfu = f"{r['tflops'] / peak:.1%}" if peak else "n/a"
             memory = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
             figures = [f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.3g}",
-                       mfu, memory, f"{r['real_share']:.1%}"]  # fmt: skip
+                       mfu, memory, f"{r['real_share']:.1%}",
+                       f"{r['executed_tflop']:.3g}"]  # fmt: skip
             yield stage, r, " | ".join([label, *figures])
 
 

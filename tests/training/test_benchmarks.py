@@ -97,13 +97,11 @@ def test_gpu_slot_reports_versions_each_setup_of_both_runs_and_the_default(tmp_p
 
 
 def test_gpu_slot_stops_cleanly_when_its_budget_is_spent(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu_slot import SLOT_ORDER
-
     lines = slot_report(tmp_path, "--budget-seconds", "0")  # and exits 0
     skipped = [line for line in lines if line.startswith("skipped")]
     assert len(skipped) == 1 and skipped[0].endswith("; the full-size run")
-    assert re.findall(r"setup (\d+) \(", skipped[0]) == [str(n) for n in SLOT_ORDER]
+    (order,) = [line for line in lines if line.startswith("order (")]
+    assert re.findall(r"setup (\d+) \(", skipped[0]) == re.findall(r"setup (\d+) ", order)
     assert not [line for line in lines if line.startswith(("stage1 | QLoRA", "stage1 | LoRA"))]
 
 
@@ -213,3 +211,53 @@ def test_eval_cost_counts_both_formats_answers_and_controls_of_every_run():
     seconds = [float(m) for m in re.findall(r"([\d.]+) s\b", result.stdout)]
     assert len(seconds) == 5 and all(s > 0 for s in seconds)
     assert re.search(r"4 runs: [\d.]+ GPU-hours \(counted", lines[-1])
+
+
+def synthetic_step(lengths: list[int], labelled: int, tiles: int) -> list[dict]:
+    """Samples shaped like encoded ones, as far as the FLOP count reads them."""
+    labels = [torch.tensor([-100] * (t - labelled) + [1] * labelled) for t in lengths]
+    return [{"input_ids": torch.zeros(t), "labels": label, "pixel_values": torch.zeros(tiles, 1)}
+            for t, label in zip(lengths, labels, strict=True)]  # fmt: skip
+
+
+def test_gpu_slot_orders_setups_by_counted_flops_and_packing_under_sdpa_goes_last():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_slot import BASELINES, flop_order, slot_setups
+    from train_step import Setup, executed_flops, language_sizes, lora_parameters
+    from transformers import InternVLConfig
+
+    from robovqa_ft.random_model import INTERNVL3_8B
+
+    config = InternVLConfig(**copy.deepcopy(INTERNVL3_8B))
+    lora = lora_parameters(config, 128)
+    # stage 2 at real lengths: 8 clips of 2.4k-3.1k tokens in one micro-batch
+    lengths = [2400 + 100 * i for i in range(8)]
+    padded, packed = Setup("none", False, "sdpa", 8, "longest"), Setup("none", False, "sdpa", 8,
+                                                                       "packed")  # fmt: skip
+    flash_packed = Setup("none", False, "flash_attention_2", 8, "packed")
+    counts = {s: executed_flops(config, s, lengths, 600, 80, lora)
+              for s in (padded, packed, flash_packed)}  # fmt: skip
+    assert counts[flash_packed] < counts[padded] < counts[packed]
+    # packed: one 22k-token row whose block mask makes SDPA compute its whole square, ~6x
+    # the padded rows' squares; padded: 8 rows of the longest, padding computed
+    n_lm, layers, d = language_sizes(config)
+    total, longest = sum(lengths), max(lengths)
+    attention = 12 * layers * d * (total**2 - 8 * longest**2)
+    linear = (4 * n_lm + 6 * lora) * (8 * longest - total)
+    assert counts[packed] - counts[padded] == attention - linear
+    assert total**2 / (8 * longest**2) > 6
+    steps = {stage: synthetic_step(lengths if stage == "stage2" else [1100 + 20 * i for i in
+                                   range(8)], 40, 10 if stage == "stage2" else 4)
+             for stage in ("stage1", "stage2")}  # fmt: skip
+    for flash in (False, True):
+        ordered, left_out = flop_order(slot_setups(flash), config, steps, per_step=8)
+        numbers = [n for (n, _), _ in ordered]
+        assert tuple(numbers[:2]) == BASELINES
+        flops = [f for _, f in ordered[2:]]
+        assert flops == sorted(flops)
+        assert {(s.padding, s.attention) for (_, s), _ in left_out} == {("packed", "sdpa")}
+        assert len(left_out) == 2 and not set(numbers) & {n for (n, _), _ in left_out}
+        if flash:  # flash-attention unpads: a padded micro-batch's attention costs no more
+            by_setup = {s: f for (_, s), f in ordered}
+            flash_padded = Setup("none", True, "flash_attention_2", 8, "longest")
+            assert by_setup[flash_padded] < by_setup[Setup("none", True, "sdpa", 8, "longest")]

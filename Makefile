@@ -71,21 +71,38 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/eval_cost.py
 
 # The full-size training step: needs a GPU (and 16 GB of disk for the random weights).
+# It takes a GPU no job holds (python -m robovqa_ft.devices), as a workflow job would.
 bench-gpu: $(STAMP)
-	$(BIN)/python benchmarks/train_step.py --workdir $(or $(BENCH_DIR),/tmp/robovqa-bench)
+	$(BIN)/python -m robovqa_ft.devices 1 $(BIN)/python benchmarks/train_step.py \
+		--workdir $(or $(BENCH_DIR),/tmp/robovqa-bench)
 
 # The training step within a short GPU slot: `make gpu-wheels` puts the pins the slot's
 # machine lacks in .whl/; the command to run there is in benchmarks/gpu_slot.py's
-# docstring. `make rehearse-gpu-slot` runs that benchmark here at tiny size (CPU,
-# float32), with a budget that leaves setups out (SLOT_ARGS="--budget-seconds 600" runs
-# them all).
+# docstring. `make rehearse-gpu-slot` runs that command here at tiny size (CPU, float32)
+# in what that machine has: a Python 3.12 environment (.venv-gpu-slot/) of the packages
+# the slot uses, at the machine's versions (benchmarks/gpu_env.py requirements), plus the
+# carried wheels installed as the slot installs them, and nothing else; with a budget
+# that leaves setups out (SLOT_ARGS="--budget-seconds 600" runs them all).
 .PHONY: gpu-wheels rehearse-gpu-slot
+SLOT_VENV := .venv-gpu-slot
+SLOT_SITE := /tmp/robovqa-gpu-slot-site
 gpu-wheels: $(STAMP)
 	bash benchmarks/fetch_gpu_wheels.sh
 
-rehearse-gpu-slot: $(STAMP)
-	PYTHONUNBUFFERED=1 $(BIN)/python benchmarks/gpu_slot.py --tiny \
-		--out $(or $(SLOT_OUT),/tmp/robovqa-gpu-slot) $(or $(SLOT_ARGS),--budget-seconds 60)
+$(SLOT_VENV)/.installed-stamp: benchmarks/gpu_image.txt benchmarks/gpu_env.py pyproject.toml | $(STAMP)
+	rm -rf $(SLOT_VENV)
+	$$(bash benchmarks/python312.sh) -m venv $(SLOT_VENV)
+	$(BIN)/python benchmarks/gpu_env.py requirements > $(SLOT_VENV)/requirements.txt
+	$(SLOT_VENV)/bin/pip install --quiet -r $(SLOT_VENV)/requirements.txt
+	touch $@
+
+rehearse-gpu-slot: gpu-wheels $(SLOT_VENV)/.installed-stamp
+	rm -rf $(SLOT_SITE)
+	$(SLOT_VENV)/bin/python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+		--upgrade --target $(SLOT_SITE) .whl/*.whl
+	PYTHONPATH=$(SLOT_SITE):$(CURDIR) PYTHONUNBUFFERED=1 $(SLOT_VENV)/bin/python \
+		benchmarks/gpu_slot.py --tiny --out $(or $(SLOT_OUT),/tmp/robovqa-gpu-slot) \
+		$(or $(SLOT_ARGS),--budget-seconds 60)
 
 # What a rerun makes again cheaply: the demo's folder and the tools' caches.
 clean:

@@ -261,10 +261,35 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak")
     parser.add_argument("--only", type=int, nargs="+", help="these setups (train_step's numbers)")
     parser.add_argument("--tiny", action="store_true", help="the tiny model in float32 (CPU)")
+    parser.add_argument("--counted-order", action="store_true",
+                        help="print the full-size order and its FLOP counts; run nothing")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gpu_slot-") as scratch:
         args.workdir = args.workdir or Path(scratch)
-        run_slot(args, started)
+        if args.counted_order:
+            print_counted_order(args)
+        else:
+            run_slot(args, started)
+
+
+def print_counted_order(args) -> None:
+    """The full-size run's order, with and without flash-attention 2, from the FLOP count
+    alone: samples are encoded, no model is built (seconds on a CPU)."""
+    paths = write_clips(args.workdir / "clips", 24, seed=0, shared_frames=True)
+    architecture = "tiny" if args.tiny else "internvl3-8b"
+    processor = processor_for(paths, ARCHITECTURES[architecture]["image_size"])
+    config = internvl_config(architecture, processor)
+    per_step = 16 if args.tiny else 32
+    samples = {stage: encode(paths, processor, stage, 2 * per_step) for stage in STAGES}
+    print(f"{architecture}, {per_step} samples a step; counted executed TFLOP of a stage-1 + "
+          "stage-2 step")  # fmt: skip
+    for flash in (False, True):
+        ordered, dense = flop_order(slot_setups(flash), config, samples, per_step)
+        print(f"flash-attention 2 {'installed' if flash else 'absent'}:")
+        for (number, setup), flops in ordered:
+            print(f"  setup {number} ({setup.label('bfloat16')}): {flops / 1e12:,.0f}")
+        for (number, setup), flops in dense:
+            print(f"  left out: setup {number} ({setup.label('bfloat16')}): {flops / 1e12:,.0f}")
 
 
 def run_slot(args, started: float) -> None:

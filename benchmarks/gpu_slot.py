@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--only", type=int, nargs="+", help="these setups (train_step's numbers)")
     parser.add_argument("--tiny", action="store_true", help="the tiny model in float32 (CPU)")
     parser.add_argument("--counted-order", action="store_true",
-                        help="print the full-size order and its FLOP counts; run nothing")  # fmt: skip
+                        help="print the full-size order and FLOP counts only")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gpu_slot-") as scratch:
         args.workdir = args.workdir or Path(scratch)

@@ -332,8 +332,8 @@ def sample_losses(
         for abouts, skipped, batch in loader:
             records = [_loss_record(val_set, about, []) | {"skipped": True} for about in skipped]
             if batch is not None:
-                inputs = _on(split_counters(batch)[0], device)
-                turns = turn_sums(labelled_token_losses(model, inputs), inputs["labels"])
+                batch = _on(batch, device)
+                turns = turn_sums(labelled_token_losses(model, batch), batch["labels"])
                 records += [_loss_record(val_set, about, sums)
                             for about, sums in zip(abouts, turns, strict=True)]  # fmt: skip
             journal.append(records)
@@ -387,7 +387,9 @@ def hardware() -> str:
 
 
 def _on(inputs: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()
+    }
 
 
 def _write_jsonl(path: Path | str, records: list[dict]) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 
-from robovqa_ft.samples import IGNORE_INDEX, split_counters
+from robovqa_ft.samples import IGNORE_INDEX, PREDICTING, split_counters
 
 
 @dataclass(frozen=True)
@@ -27,30 +28,34 @@ class TokenLosses:
     positions: torch.Tensor
 
 
-def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
-    """The positions whose logits predict a labelled token: position t predicts t + 1."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return mask
+def labelled_token_losses(model: Any, batch: dict[str, Any]) -> TokenLosses:
+    """Run `model` on a collated `batch` (padded or packed) with the head on the positions
+    that predict a label only, and return their losses.
 
-
-def labelled_token_losses(model: Any, inputs: dict[str, Any]) -> TokenLosses:
-    """Run `model` on `inputs` (a collated batch with `labels`, padded or packed) with the
-    head on the positions that predict a label only, and return their losses.
-
-    transformers gathers those positions itself (`logits_to_keep` as a boolean mask), so
-    the full-vocabulary logits of the other positions are never made. The values equal
+    Those positions are the collator's (`predicting_positions`: flat indices made on the
+    CPU), so nothing here waits on the GPU, as counting a boolean mask's positions would.
+    The full-vocabulary logits of the other positions are never made. The values equal
     the model's own loss terms: the same logits, upcast to fp32 before the softmax.
     """
-    inputs = dict(inputs)
+    inputs, _ = split_counters(batch)
     labels = inputs.pop("labels")
     inputs.setdefault("use_cache", False)  # in eval mode a KV cache is made and thrown away
-    mask = predicting_positions(labels)
-    logits = model(**inputs, logits_to_keep=mask).logits  # (labelled tokens, vocab)
-    rows, positions = mask.nonzero(as_tuple=True)
-    targets = labels[rows, positions + 1]
+    flat = batch[PREDICTING]
+    # transformers' `logits_to_keep` takes flat positions of several rows only as a boolean
+    # mask, which would count them on the GPU: the head's input is gathered here instead,
+    # inside the model's own forward (so DDP and peft see an ordinary call).
+    head = extract_model_from_parallel(model).get_output_embeddings()
+    gather = head.register_forward_pre_hook(
+        lambda _, args: (args[0].flatten(0, -2).index_select(0, flat),)
+    )
+    try:
+        logits = model(**inputs).logits  # (labelled tokens, vocab)
+    finally:
+        gather.remove()
+    targets = labels.flatten().index_select(0, flat + 1)
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
-    return TokenLosses(losses, rows, positions + 1)
+    length = labels.shape[1]
+    return TokenLosses(losses, flat // length, flat % length + 1)
 
 
 def loss_sums(model: Any, batches: Iterable[dict], device: Any) -> dict[str, float]:
@@ -58,9 +63,10 @@ def loss_sums(model: Any, batches: Iterable[dict], device: Any) -> dict[str, flo
     collators' counts of samples and of samples skipped (not even one answer fits)."""
     sums = {"loss": 0.0, "tokens": 0, "samples": 0, "skipped_samples": 0}
     for batch in batches:
-        inputs, counters = split_counters(batch)
-        on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        losses = labelled_token_losses(model, on_device)  # a packed batch holds a flag too
+        counters = split_counters(batch)[1]
+        on_device = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}  # fmt: skip
+        losses = labelled_token_losses(model, on_device)
         sums["loss"] += float(losses.losses.sum())
         sums["tokens"] += len(losses.losses)
         sums["samples"] += counters["samples"]

@@ -363,14 +363,27 @@ def snake_order(step: list[int], batch_size: int, ranks: int) -> list[int]:
     return [i for round_ in dealt for batch in round_ for i in batch]
 
 
-# What the collators count beside the model inputs; the model must not see them.
-COUNTERS = ("samples", "dropped_turns", "skipped_samples")
+# Beside the model inputs, a collated batch holds what the training step reads of it, made
+# here on the CPU: read back from the GPU, each would make the host wait for the step. The
+# counts are Python ints, which the Trainer leaves on the host.
+COUNTERS = ("samples", "dropped_turns", "skipped_samples", "real_tokens", "computed_tokens")
+# `predicting_positions` of the labels, where the loss runs the head (`labelled_token_losses`).
+PREDICTING = "predicting_positions"
 
 
 def split_counters(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
-    """(the model inputs, the counters) of a padded batch."""
-    inputs = {k: v for k, v in batch.items() if k not in COUNTERS}
-    return inputs, {k: int(batch[k]) for k in COUNTERS}
+    """(the model inputs, the counters) of a collated batch; its `PREDICTING` positions
+    are in neither."""
+    inputs = {k: v for k, v in batch.items() if k not in (*COUNTERS, PREDICTING)}
+    return inputs, {k: batch[k] for k in COUNTERS}
+
+
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The flat indices (into rows × length) of the positions whose logits predict a
+    labelled token: position t predicts t + 1."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return predicts.flatten().nonzero().squeeze(1)
 
 
 # How a micro-batch becomes one tensor per input (config: training.padding).
@@ -400,17 +413,16 @@ def _present(samples: list[dict | None], pad_token_id: int) -> list[dict]:
 
 
 def _counters(batch: dict[str, Any], samples: list[dict], real: int, given: int) -> dict[str, Any]:
-    batch["samples"] = torch.tensor(real)  # a packed row holds several; the stand-in none
-    batch["dropped_turns"] = torch.tensor(sum(s["dropped_turns"] for s in samples))
-    batch["skipped_samples"] = torch.tensor(given - real)  # not even one answer fit
+    batch["samples"] = real  # a packed row holds several; the stand-in none
+    batch["dropped_turns"] = sum(s["dropped_turns"] for s in samples)
+    batch["skipped_samples"] = given - real  # not even one answer fit
+    computed = batch["input_ids"].numel()
+    mask = batch.get("attention_mask")  # a packed row has none: every token is a sample's
+    batch["real_tokens"] = int(mask.sum()) if mask is not None else computed
+    batch["computed_tokens"] = computed
+    if "labels" in batch:  # a generation prompt has none
+        batch[PREDICTING] = predicting_positions(batch["labels"])
     return batch
-
-
-def real_tokens(inputs: dict[str, Any]) -> tuple[int, int]:
-    """(tokens that are samples' own, tokens computed) of a collated batch."""
-    computed = inputs["input_ids"].numel()
-    mask = inputs.get("attention_mask")
-    return (int(mask.sum()) if mask is not None else computed), computed
 
 
 def pack_batch(samples: list[dict | None], pad_token_id: int = 0) -> dict[str, Any]:

@@ -58,7 +58,6 @@ from robovqa_ft.samples import (
     StepSampler,
     clip_order,
     collator,
-    real_tokens,
     split_counters,
 )
 from robovqa_ft.space import named_if_full, require_training_space
@@ -165,11 +164,18 @@ class MetricsLog(TrainerCallback):
         self.dropped = self.skipped = 0  # per logging window, like samples and tokens
 
     def count(
-        self, tokens: int, computed: int, *, samples: int, dropped_turns: int, skipped_samples: int
+        self,
+        *,
+        samples: int,
+        dropped_turns: int,
+        skipped_samples: int,
+        real_tokens: int,
+        computed_tokens: int,
     ) -> None:
+        """Add a micro-batch's counters (`split_counters`), Python ints from the collator."""
         self.samples += samples
-        self.tokens += tokens
-        self.computed += computed
+        self.tokens += real_tokens
+        self.computed += computed_tokens
         self.dropped += dropped_turns
         self.skipped += skipped_samples
 
@@ -246,11 +252,10 @@ class CurriculumTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs, counters = split_counters(inputs)
         if model.training:
             if num_items_in_batch is None:  # the Trainer counts them for models like ours
                 raise RuntimeError("the Trainer gave no labelled-token count for this step")
-            self.metrics.count(*real_tokens(inputs), **counters)
+            self.metrics.count(**split_counters(inputs)[1])
         losses = labelled_token_losses(model, inputs).losses
         # As the model's own loss would be: the sum over the step's labelled tokens (of
         # every rank, which DDP's gradient mean then undoes), or this batch's mean. One

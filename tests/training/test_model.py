@@ -55,7 +55,7 @@ def _step_gradients(model, batch, full_logits: bool = False) -> dict[str, torch.
     own loss over full logits (as before this change)."""
     model.zero_grad(set_to_none=True)
     if full_logits:
-        model(**batch).loss.backward()
+        model(**split_counters(batch)[0]).loss.backward()
     else:
         labelled_token_losses(model, batch).losses.mean().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -67,8 +67,7 @@ def _batch(tiny_setup, rows: int = 3) -> dict:
         processor, model_family(tiny_setup["model"]), tiny_setup["images"], 4, 512
     )
     dataset = JsonlDataset(tiny_setup["stage2_train"], builder, limit=rows)
-    batch = pad_batch([dataset[i] for i in range(rows)], processor.tokenizer.pad_token_id)
-    return split_counters(batch)[0]
+    return pad_batch([dataset[i] for i in range(rows)], processor.tokenizer.pad_token_id)
 
 
 def _seed_recipe_model(tiny_setup, quantization: str, checkpointing: bool):

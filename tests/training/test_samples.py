@@ -19,6 +19,7 @@ from robovqa_ft.model import FAMILIES, attach_lora, load_model, load_processor
 from robovqa_ft.random_model import IMAGENET_MEAN, IMAGENET_STD, build_tiny_internvl
 from robovqa_ft.samples import (
     IGNORE_INDEX,
+    PREDICTING,
     JsonlDataset,
     SampleBuilder,
     StepSampler,
@@ -26,7 +27,7 @@ from robovqa_ft.samples import (
     frame_indices,
     pack_batch,
     pad_batch,
-    real_tokens,
+    predicting_positions,
     split_counters,
 )
 
@@ -394,7 +395,7 @@ def test_prompt_over_budget_drops_the_oldest_pairs_and_opens_with_the_frames(dat
     assert [holds_frames for *_, holds_frames in turns[1:]] == [False] * (len(turns) - 1)
     assert len(positions(ids, internvl["context"])) == 4 * TOKENS_PER_FRAME
     batch = pad_batch([prompt, builder.encode_prompt(row, turn=turn)], 0, side="left")
-    assert batch["dropped_turns"].item() == turn - kept
+    assert batch["dropped_turns"] == turn - kept
 
 
 def test_prompt_keeps_the_whole_question_when_it_alone_exceeds_the_budget(data, internvl):
@@ -466,9 +467,28 @@ def test_pad_batch_right_pads_and_concatenates_tiles(data, internvl):
     assert (batch["labels"][1, short:] == IGNORE_INDEX).all()
     assert batch["pixel_values"].shape == (8, 3, 56, 56)
     assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"]]))
-    assert batch["dropped_turns"].item() == 3
-    assert batch["skipped_samples"].item() == 1  # the None: not even one answer fit
-    assert batch["samples"].item() == 2
+    counters = split_counters(batch)[1]
+    assert counters == {"samples": 2, "dropped_turns": 3, "skipped_samples": 1,  # the None
+                        "real_tokens": long + short, "computed_tokens": 2 * long}  # fmt: skip
+    assert_counts_and_positions_stay_on_the_host(batch)
+
+
+def assert_counts_and_positions_stay_on_the_host(batch: dict) -> None:
+    """Counts as Python ints (the Trainer moves only tensors to the GPU) and the positions
+    that predict a label as flat CPU indices, one per labelled token (but a row's first)."""
+    assert all(type(n) is int for n in split_counters(batch)[1].values())
+    positions, labels = batch[PREDICTING], batch["labels"]
+    assert positions.device.type == "cpu" and positions.dtype == torch.long
+    assert len(positions) == int((labels[:, 1:] != IGNORE_INDEX).sum()) > 0
+    assert (labels.flatten()[positions + 1] != IGNORE_INDEX).all()
+
+
+def test_predicting_positions_are_flat_indices_of_the_positions_before_each_label():
+    unlabelled = IGNORE_INDEX
+    labels = torch.tensor([[unlabelled, unlabelled, 5, 6, unlabelled, 7],
+                           [9, 8, unlabelled, unlabelled, unlabelled, unlabelled]])  # fmt: skip
+    # a row's first label (9) is predicted by nothing: not by the row above's last position
+    assert predicting_positions(labels).tolist() == [1, 2, 4, 6]
 
 
 # --- length grouping and padding-free packing ---
@@ -541,11 +561,13 @@ def test_pack_batch_lays_samples_end_to_end_with_restarting_positions(data, inte
     assert batch["labels"][0, 0] == batch["labels"][0, n_a] == IGNORE_INDEX
     assert torch.equal(batch["labels"][0, :n_a], a["labels"])
     assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"]]))
-    assert (batch["skipped_samples"].item(), batch["dropped_turns"].item()) == (1, 0)
-    assert batch["samples"].item() == 2
-    assert real_tokens(batch) == (n_a + n_b, n_a + n_b)
+    counters = split_counters(batch)[1]
+    assert counters == {"samples": 2, "dropped_turns": 0, "skipped_samples": 1,
+                        "real_tokens": n_a + n_b, "computed_tokens": n_a + n_b}  # fmt: skip
+    assert_counts_and_positions_stay_on_the_host(batch)
     padded = pad_batch([a, b], pad_token_id=internvl["processor"].tokenizer.pad_token_id)
-    assert real_tokens(padded) == (n_a + n_b, 2 * max(n_a, n_b))
+    counters = split_counters(padded)[1]
+    assert (counters["real_tokens"], counters["computed_tokens"]) == (n_a + n_b, 2 * max(n_a, n_b))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -625,6 +647,8 @@ def test_qwen_pad_batch_concatenates_patches_and_grids(data, qwen_processor):
 def test_a_micro_batch_in_which_nothing_fits_becomes_one_that_teaches_nothing(padding):
     batch = collator(padding, pad_token_id=7)([None, None, None])
     inputs, counters = split_counters(batch)
-    assert counters == {"samples": 0, "dropped_turns": 0, "skipped_samples": 3}
+    assert counters == {"samples": 0, "dropped_turns": 0, "skipped_samples": 3,
+                        "real_tokens": 1, "computed_tokens": 1}  # fmt: skip
     assert inputs["input_ids"].tolist() == [[7]]
     assert (inputs["labels"] == IGNORE_INDEX).all()
+    assert batch[PREDICTING].tolist() == []

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from training_helpers import (
     adapter_weights,
     csv_rows,
@@ -34,7 +35,13 @@ from robovqa_ft.checkpoints import (
 from robovqa_ft.evaluate import loss_summary, sample_losses
 from robovqa_ft.journal import Journal
 from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
-from robovqa_ft.samples import JsonlDataset, SampleBuilder, collator, split_counters
+from robovqa_ft.samples import (
+    IGNORE_INDEX,
+    JsonlDataset,
+    SampleBuilder,
+    collator,
+    split_counters,
+)
 from robovqa_ft.train import (
     CurriculumTrainer,
     MetricsLog,
@@ -360,6 +367,79 @@ def test_the_training_loss_is_the_models_own_over_the_steps_labelled_tokens(tiny
     for (loss, norm), (stock_loss, stock_norm) in zip(ours, stock, strict=True):
         assert loss == pytest.approx(stock_loss, rel=1e-5)
         assert norm == pytest.approx(stock_norm, rel=1e-4)
+
+
+aten = torch.ops.aten
+# Ops that make the host wait for a CUDA device: each reads a device value back, or sizes
+# its output by one (a boolean mask as an index is a `nonzero` inside the op).
+SYNCING = {aten.nonzero, aten._local_scalar_dense, aten.masked_select, aten.is_nonzero,
+           aten.equal, aten._unique, aten._unique2, aten.unique_dim, aten.unique_consecutive,
+           aten.unique_dim_consecutive}  # fmt: skip
+MASK_INDEXED = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
+
+
+def _syncs(func, args, kwargs) -> bool:
+    op = func.overloadpacket
+    if op in MASK_INDEXED:
+        return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    if op is aten.repeat_interleave and func is aten.repeat_interleave.Tensor:
+        return kwargs.get("output_size") is None
+    return op in SYNCING
+
+
+class HostReads(TorchDispatchMode):
+    """The ops, forward and backward, that would make the host wait on a GPU. Those inside
+    the base model's forward are transformers' own and left out: InternVL's check that image
+    tokens and features agree, and the attention mask's look at the padding or the packing."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base, self.inside, self.ops = model.get_base_model().model, 0, []
+
+    def __enter__(self):
+        self.hooks = [self.base.register_forward_pre_hook(lambda *_: self._step(1)),
+                      self.base.register_forward_hook(lambda *_: self._step(-1))]  # fmt: skip
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        return super().__exit__(*exc)
+
+    def _step(self, by: int) -> None:
+        self.inside += by
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.inside and _syncs(func, args, kwargs):
+            self.ops.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("padding", ["longest", "packed"])
+def test_a_training_micro_batch_never_waits_on_the_device(tiny_setup, tmp_path, padding):
+    # No GPU here: the ops that would sync one are caught by name, on the CPU.
+    set_seed(0)
+    model = attach_lora(load_model(tiny_setup["model"], "none", "float32", "sdpa", False), 8, 16, 0)
+    processor = load_processor(tiny_setup["model"])
+    builder = SampleBuilder(
+        processor, model_family(tiny_setup["model"]), tiny_setup["images"], 4, 512
+    )
+    samples = list(JsonlDataset(tiny_setup["stage2_train"], builder, limit=2))
+    settings = run_settings(tiny_setup["model"], stage={"batch_size": 2})
+    args = training_arguments(tmp_path, settings["stage"], settings["training"], settings["model"])
+    trainer = CurriculumTrainer(model=model, args=dataclasses.replace(args, eval_strategy="no"))
+    trainer.metrics = MetricsLog(tmp_path, 0, 0)
+    collate = collator(padding, processor.tokenizer.pad_token_id)
+    for batch in (collate(samples), collate([None, None])):  # and the stand-in of none fits
+        batch = trainer._prepare_inputs(batch)
+        step_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the Trainer's, a step
+        with HostReads(model) as reads:
+            loss = trainer.compute_loss(model.train(), batch, num_items_in_batch=step_tokens)
+            loss.backward()
+        assert reads.ops == [], f"host syncs: {reads.ops}"
+    assert float(loss) == 0  # the stand-in's, yet in the graph: backward ran (DDP needs it)
+    assert trainer.metrics.samples == 2 and trainer.metrics.skipped == 2
 
 
 def test_a_model_that_takes_no_loss_kwargs_still_trains(tiny_setup, tmp_path, monkeypatch):

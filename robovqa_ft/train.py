@@ -596,4 +596,10 @@ def training_arguments(
         # (the Trainer would do it for a PeftModel).
         ddp_find_unused_parameters=False,
         ddp_timeout=round(training["hang_timeout_minutes"] * 60),
+        # Nothing in a micro-batch waits on the GPU: no NaN check of each micro-batch's loss
+        # (a read of it; a non-finite loss is refused at the checkpoint instead, and shows
+        # in the logged loss rather than being averaged away), and the batches' copies to
+        # it from pinned memory (the default on a GPU) are asynchronous.
+        logging_nan_inf_filter=False,
+        accelerator_config={"non_blocking": True},
     )

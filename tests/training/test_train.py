@@ -442,6 +442,17 @@ def test_a_training_micro_batch_never_waits_on_the_device(tiny_setup, tmp_path, 
     assert trainer.metrics.samples == 2 and trainer.metrics.skipped == 2
 
 
+def test_the_trainer_neither_reads_each_micro_batchs_loss_nor_waits_for_its_copy(
+    tiny_setup, tmp_path
+):
+    # The Trainer's own reads around compute_loss: its NaN filter reads every micro-batch's
+    # loss (a sync each), and accelerate copies batches to the GPU blocking by default.
+    settings = run_settings(tiny_setup["model"])
+    args = training_arguments(tmp_path, settings["stage"], settings["training"], settings["model"])
+    assert args.logging_nan_inf_filter is False
+    assert args.accelerator_config.non_blocking is True
+
+
 def test_a_model_that_takes_no_loss_kwargs_still_trains(tiny_setup, tmp_path, monkeypatch):
     # Qwen2.5-VL and Qwen3-VL say so; the Trainer would then not count labelled tokens.
     reference = run(tiny_setup, tmp_path / "reference", max_steps=2)

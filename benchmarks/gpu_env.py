@@ -7,39 +7,36 @@ registry can be reached there, so:
     python benchmarks/gpu_env.py requirements  # the rehearsal's packages, at the image's versions
     python benchmarks/gpu_env.py check         # what the slot imports: on the machine or carried
 
-What the slot's code imports is read from its source (no import runs): the module-level
-imports of gpu_slot.py and of every project module they reach. Imports inside functions
-are for `make rehearse-gpu-slot` to meet, in an environment of exactly those packages.
+What the slot's code imports is read from its source (robovqa_ft.source_imports; no
+import runs): the module-level imports of gpu_slot.py and of every project module they
+reach. Imports inside functions are for `make rehearse-gpu-slot` to meet, in an
+environment of exactly those packages.
 Free of torch: tests/data runs the check.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
 import importlib.metadata as metadata
-import importlib.util
 import re
 import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-ROOT = Path(__file__).resolve().parents[1]
+from robovqa_ft import source_imports
+from robovqa_ft.source_imports import distributions_of, module_file
+
+ROOT = source_imports.ROOT
 IMAGE = Path(__file__).with_name("gpu_image.txt")
 ENTRY = Path(__file__).with_name("gpu_slot.py")
 # The project's pins the machine lacks or has at another version: transformers and
 # tokenizers newer than its own, peft whose version it does not say, and what it lacks.
 # bitsandbytes travels while the 64 MiB a command carries allow it (fetch_gpu_wheels.sh).
 CARRIED = ("transformers", "tokenizers", "peft", "google-crc32c", "tensorboardx", "bitsandbytes")
-LOCAL = ("robovqa_ft",)  # the project's own package, which runs from the working tree
 # Used there without being imported by name: transformers builds InternVL's and the Qwen
 # families' image and video processors on torchvision.
 USED_UNNAMED = ("torchvision",)
-
-
-def normalized(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def image_packages(path: Path = IMAGE) -> dict[str, str | None]:
@@ -49,87 +46,37 @@ def image_packages(path: Path = IMAGE) -> dict[str, str | None]:
         line = line.split("#", 1)[0].strip()
         if line:
             name, _, version = line.partition("==")
-            packages[normalized(name)] = version or None
+            packages[canonicalize_name(name)] = version or None
     return packages
 
 
 def pins() -> dict[str, str]:
     """{package: version} of pyproject.toml's exact pins."""
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    return {normalized(n): v for n, v in re.findall(r'"([A-Za-z0-9_.\-]+)==([^"]+)"', text)}
-
-
-def module_imports(path: Path) -> set[str]:
-    """The modules `path` imports at module level (under `if`/`try` too; not in functions)."""
-    found: set[str] = set()
-    body = list(ast.parse(path.read_text(encoding="utf-8")).body)
-    while body:
-        node = body.pop()
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.add(node.module)
-        elif isinstance(node, ast.If | ast.Try):
-            body += [*node.body, *node.orelse, *getattr(node, "finalbody", [])]
-            body += [n for handler in getattr(node, "handlers", []) for n in handler.body]
-    return found
+    return {canonicalize_name(n): v for n, v in re.findall(r'"([A-Za-z0-9_.\-]+)==([^"]+)"', text)}
 
 
 def project_file(module: str) -> Path | None:
-    """The project's own file of `module` (the package's, or a benchmarks/ sibling)."""
-    parts = module.split(".")
-    if parts[0] in LOCAL:
-        for candidate in (ROOT.joinpath(*parts).with_suffix(".py"),
-                          ROOT.joinpath(*parts, "__init__.py")):  # fmt: skip
-            if candidate.is_file():
-                return candidate
-        return None
+    """The project's own file of `module`: the package's, or a benchmarks/ sibling's."""
     sibling = ENTRY.with_name(f"{module}.py")
-    return sibling if len(parts) == 1 and sibling.is_file() else None
+    if "." not in module and sibling.is_file():
+        return sibling
+    return module_file(module)
 
 
 def third_party_imports(entry: Path = ENTRY) -> dict[str, set[str]]:
     """{module imported from outside the project: the project files that import it}, over
     every project module that `entry` reaches through module-level imports."""
-    seen, todo, outside = set(), [entry], {}
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for module in module_imports(path):
-            mine = project_file(module)
-            if mine is not None:
-                todo.append(mine)
-            elif module.split(".")[0] not in sys.stdlib_module_names and module != "__future__":
-                outside.setdefault(module, set()).add(str(path.relative_to(ROOT)))
-    return outside
+    found: dict[str, set[str]] = {}
+    for imported in source_imports.third_party_imports(entry, project_file, nested=False):
+        found.setdefault(imported.module, set()).add(imported.importer)
+    return found
 
 
-@functools.cache
 def distribution_of(module: str) -> str:
-    """The installed distribution that provides `module` (a namespace package, such as
-    google, is told apart by its next part), or the module's own name where none does."""
-    top = module.split(".")[0]
-    spec = importlib.util.find_spec(top)
-    name = top
-    if spec is not None and spec.origin is None and "." in module:  # a namespace package
-        name = ".".join(module.split(".")[:2])
-    providers = {normalized(d) for d in _providers().get(top, [])}
-    if len(providers) > 1:
-        files = name.replace(".", "/") + "/"
-        providers = {
-            normalized(d.metadata["Name"])
-            for d in metadata.distributions()
-            if normalized(d.metadata["Name"]) in providers
-            and any(str(f).startswith(files) for f in d.files or ())
-        }
-    return min(providers) if providers else normalized(top)
-
-
-@functools.cache
-def _providers() -> dict[str, list[str]]:
-    return metadata.packages_distributions()
+    """The installed distribution that provides `module`, or the module's own name where
+    none does (a package not installed here)."""
+    return min(distributions_of(module), default=canonicalize_name(module.split(".")[0]))
 
 
 def carried_requirements() -> set[str]:
@@ -140,13 +87,13 @@ def carried_requirements() -> set[str]:
         for line in metadata.requires(package) or []:
             requirement = Requirement(line)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                needed.add(normalized(requirement.name))
-    return needed - {normalized(c) for c in CARRIED}
+                needed.add(canonicalize_name(requirement.name))
+    return needed - {canonicalize_name(c) for c in CARRIED}
 
 
 def missing() -> list[str]:
     """Each package the slot needs that is neither on the machine nor carried, and why."""
-    image, carried = image_packages(), {normalized(c) for c in CARRIED}
+    image, carried = image_packages(), {canonicalize_name(c) for c in CARRIED}
     problems = []
     for module, files in sorted(third_party_imports().items()):
         package = distribution_of(module)
@@ -160,7 +107,7 @@ def missing() -> list[str]:
 def requirements() -> list[str]:
     """The rehearsal's packages: what the slot imports and the carried wheels require,
     that the machine has, at its versions where known (pip adds what those require)."""
-    image, carried = image_packages(), {normalized(c) for c in CARRIED}
+    image, carried = image_packages(), {canonicalize_name(c) for c in CARRIED}
     wanted = {distribution_of(m) for m in third_party_imports()} | carried_requirements()
     wanted |= set(USED_UNNAMED)
     return [f"{p}=={image[p]}" if image[p] else p for p in sorted(wanted - carried) if p in image]
@@ -170,7 +117,7 @@ def main(argv: list[str]) -> int:
     command = argv[0] if argv else "check"
     if command == "carried":
         versions = pins()
-        print("\n".join(f"{c}=={versions[normalized(c)]}" for c in CARRIED))
+        print("\n".join(f"{c}=={versions[canonicalize_name(c)]}" for c in CARRIED))
     elif command == "requirements":
         print("\n".join(requirements()))
     elif command == "check":

@@ -1,19 +1,15 @@
 """The rules' conda environments (envs/*.yaml) against pyproject.toml and the code they run.
 
-Read, never imported: the rules' code is parsed with `ast`, so this process stays free of
-torch and TensorFlow, and imports are mapped to distributions through the venv's metadata.
+Read, never imported: the rules' code is parsed with `ast` (robovqa_ft.source_imports), so
+this process stays free of torch and TensorFlow, and imports are mapped to distributions
+through the venv's metadata.
 """
 
 from __future__ import annotations
 
-import ast
 import re
-import sys
 import tomllib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
-from importlib.metadata import distribution, packages_distributions
 from pathlib import Path
 
 import pytest
@@ -21,6 +17,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+
+from robovqa_ft.source_imports import distributions_of, third_party_imports
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "robovqa_ft"
@@ -113,107 +111,6 @@ def read_rules() -> list[Rule]:
 
 
 RULES = [rule for rule in read_rules() if rule.script]
-
-
-def module_file(module: str) -> Path | None:
-    """The source file of a first-party module, or None if there is no such module."""
-    base = ROOT.joinpath(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-@dataclass(frozen=True)
-class Import:
-    module: str  # as the import statement names it: `google.protobuf.message`
-    target: str  # the longest name it may mean: `from a import b` may import module a.b
-    importer: str  # the importing file, relative to the repository
-
-
-def imports_of(path: Path) -> Iterator[Import]:
-    """Every import a file makes at run time, at module level or inside functions."""
-    importer = rel(path)
-    package = importer.removesuffix(".py").replace("/", ".").rpartition(".")[0]
-    if path.name == "__init__.py":
-        package = importer.removesuffix("/__init__.py").replace("/", ".")
-    pending: list[ast.AST] = [ast.parse(path.read_text(), filename=str(path))]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            pending += node.orelse  # the `if TYPE_CHECKING:` body never runs
-            continue
-        if isinstance(node, ast.Import):
-            yield from (Import(alias.name, alias.name, importer) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            if node.level:  # relative: from the package, `level - 1` packages up
-                parent = package.rsplit(".", node.level - 1)[0]
-                module = ".".join(filter(None, [parent, node.module]))
-            for alias in node.names:
-                target = module if alias.name == "*" else f"{module}.{alias.name}"
-                yield Import(module, target, importer)
-        pending += ast.iter_child_nodes(node)
-
-
-def third_party_imports(script: Path) -> set[Import]:
-    """The third-party imports of a script and of the first-party modules it reaches."""
-    found, seen, pending = set(), set(), [script]
-    while pending:
-        path = pending.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for imported in imports_of(path):
-            top = imported.target.partition(".")[0]
-            if top == PACKAGE:
-                # Importing a.b.c runs a/__init__.py and a/b/__init__.py too.
-                parts = imported.target.split(".")
-                files = (module_file(".".join(parts[:n])) for n in range(1, len(parts) + 1))
-                pending += [file for file in files if file]
-            elif top not in sys.stdlib_module_names:
-                found.add(imported)
-    return found
-
-
-@cache
-def _providers() -> dict[str, list[str]]:
-    return packages_distributions()
-
-
-@cache
-def _distribution_files(name: str) -> frozenset[str]:
-    return frozenset(str(file) for file in distribution(name).files or ())
-
-
-def distributions_of(module: str) -> set[str]:
-    """The installed distributions that provide a module, by the venv's metadata.
-
-    A namespace package (`google`) is shared by many distributions: the one that holds
-    the longest prefix of the module's path is the one that provides it.
-    """
-    owners = _providers().get(module.partition(".")[0], [])
-    parts = module.split(".")
-    for n in range(len(parts), 1, -1):
-        prefix = "/".join(parts[:n])
-        holders = [
-            owner
-            for owner in owners
-            if any(
-                file == f"{prefix}.py" or file.startswith(f"{prefix}/")
-                for file in _distribution_files(owner)
-            )
-        ]
-        if holders:
-            return {canonicalize_name(holder) for holder in holders}
-    return {canonicalize_name(owner) for owner in owners}
 
 
 def stacks(names: set[str]) -> set[str]:

@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_env  # noqa: E402 - a benchmarks/ module
+from packaging.utils import canonicalize_name  # noqa: E402
 
 
 def test_every_package_the_gpu_slot_imports_is_on_its_machine_or_carried():
@@ -37,7 +38,7 @@ def test_the_rehearsal_installs_the_machines_versions_and_nothing_off_it():
     names = {line.split("==")[0] for line in wanted}
     assert {"torch==2.11.0", "torchvision==0.26.0", "accelerate==1.15.0"} <= set(wanted)
     assert names <= set(image)
-    assert not names & {gpu_env.normalized(c) for c in gpu_env.CARRIED}  # they travel as wheels
+    assert not names & {canonicalize_name(c) for c in gpu_env.CARRIED}  # they travel as wheels
     for line in wanted:
         name = line.split("==")[0]
         assert line == (f"{name}=={image[name]}" if image[name] else name)

@@ -1,0 +1,127 @@
+"""What a script imports, read from its source with `ast` (nothing is imported): for the
+checks that an environment holds what a script needs, the rules' envs/*.yaml
+(tests/data/test_envs.py) and the GPU slot's machine (benchmarks/gpu_env.py). Imports are
+mapped to distributions through the running environment's metadata. Free of torch and
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import distribution, packages_distributions
+from pathlib import Path
+
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: paths are named from it
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str  # as the import statement names it: `google.protobuf.message`
+    target: str  # the longest name it may mean: `from a import b` may import module a.b
+    importer: str  # the importing file, relative to the repository
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of a module of the repository (the package's), or None."""
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports_of(path: Path, nested: bool = True) -> Iterator[Import]:
+    """Every import a file makes at run time: at module level (under `if` and `try` too)
+    and, with `nested`, inside functions and classes."""
+    importer = str(path.relative_to(ROOT))
+    package = importer.removesuffix(".py").replace("/", ".").rpartition(".")[0]
+    if path.name == "__init__.py":
+        package = importer.removesuffix("/__init__.py").replace("/", ".")
+    pending: list[ast.AST] = [ast.parse(path.read_text(), filename=str(path))]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            pending += node.orelse  # the `if TYPE_CHECKING:` body never runs
+            continue
+        if isinstance(node, ast.Import):
+            yield from (Import(alias.name, alias.name, importer) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: from the package, `level - 1` packages up
+                parent = package.rsplit(".", node.level - 1)[0]
+                module = ".".join(filter(None, [parent, node.module]))
+            for alias in node.names:
+                target = module if alias.name == "*" else f"{module}.{alias.name}"
+                yield Import(module, target, importer)
+        if nested or isinstance(node, ast.Module | ast.If | ast.Try | ast.ExceptHandler):
+            pending += ast.iter_child_nodes(node)
+
+
+def third_party_imports(
+    script: Path,
+    first_party: Callable[[str], Path | None] = module_file,
+    nested: bool = True,
+) -> set[Import]:
+    """The third-party imports of a script and of the first-party modules it reaches
+    (`first_party` gives a module's file, or None for a module from outside)."""
+    found, seen, pending = set(), set(), [script]
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for imported in imports_of(path, nested):
+            parts = imported.target.split(".")
+            # Importing a.b.c runs a/__init__.py and a/b/__init__.py too.
+            files = [first_party(".".join(parts[:n])) for n in range(1, len(parts) + 1)]
+            if files[0] is not None:
+                pending += [file for file in files if file]
+            elif parts[0] not in sys.stdlib_module_names and parts[0] != "__future__":
+                found.add(imported)
+    return found
+
+
+@cache
+def _providers() -> dict[str, list[str]]:
+    return packages_distributions()
+
+
+@cache
+def _distribution_files(name: str) -> frozenset[str]:
+    return frozenset(str(file) for file in distribution(name).files or ())
+
+
+def distributions_of(module: str) -> set[str]:
+    """The installed distributions that provide a module, by the environment's metadata.
+
+    A namespace package (`google`) is shared by many distributions: the one that holds
+    the longest prefix of the module's path is the one that provides it.
+    """
+    owners = _providers().get(module.partition(".")[0], [])
+    parts = module.split(".")
+    for n in range(len(parts), 1, -1):
+        prefix = "/".join(parts[:n])
+        holders = [
+            owner
+            for owner in owners
+            if any(
+                file == f"{prefix}.py" or file.startswith(f"{prefix}/")
+                for file in _distribution_files(owner)
+            )
+        ]
+        if holders:
+            return {canonicalize_name(holder) for holder in holders}
+    return {canonicalize_name(owner) for owner in owners}

@@ -96,7 +96,9 @@ gpu-wheels: $(STAMP)
 
 $(SLOT_VENV)/.installed-stamp: benchmarks/gpu_image.txt benchmarks/gpu_env.py pyproject.toml | $(STAMP)
 	rm -rf $(SLOT_VENV)
-	$$(bash benchmarks/python312.sh) -m venv $(SLOT_VENV)
+	python312=$$(bash benchmarks/python312.sh) || { echo "no Python 3.12 here: set" \
+		"PYTHON312=/path/to/python3.12 (the GPU slot's machine runs 3.12)"; exit 1; }; \
+		$$python312 -m venv $(SLOT_VENV)
 	$(BIN)/python benchmarks/gpu_env.py requirements > $(SLOT_VENV)/requirements.txt
 	$(SLOT_VENV)/bin/pip install --quiet -r $(SLOT_VENV)/requirements.txt
 	touch $@

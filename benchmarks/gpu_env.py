@@ -17,7 +17,6 @@ Free of torch: tests/data runs the check.
 from __future__ import annotations
 
 import importlib.metadata as metadata
-import re
 import sys
 from pathlib import Path
 
@@ -48,12 +47,6 @@ def image_packages(path: Path = IMAGE) -> dict[str, str | None]:
             name, _, version = line.partition("==")
             packages[canonicalize_name(name)] = version or None
     return packages
-
-
-def pins() -> dict[str, str]:
-    """{package: version} of pyproject.toml's exact pins."""
-    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    return {canonicalize_name(n): v for n, v in re.findall(r'"([A-Za-z0-9_.\-]+)==([^"]+)"', text)}
 
 
 def project_file(module: str) -> Path | None:
@@ -116,7 +109,7 @@ def requirements() -> list[str]:
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "check"
     if command == "carried":
-        versions = pins()
+        versions = source_imports.project_pins()
         print("\n".join(f"{c}=={versions[canonicalize_name(c)]}" for c in CARRIED))
     elif command == "requirements":
         print("\n".join(requirements()))

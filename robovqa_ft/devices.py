@@ -57,13 +57,16 @@ def gpu_uuids(listing: str) -> list[str]:
 
 
 def cuda_started() -> bool:
-    """Whether this process has already asked CUDA for its devices (initialised it, or
-    counted them): from then on it sees the devices that were visible then."""
+    """Whether this process has already asked CUDA for its devices: from then on it sees
+    the devices that were visible then. torch records an initialisation, not a count or
+    an availability check (which start the driver too); bitsandbytes makes those at
+    import (and peft imports it), so its presence on a machine with CUDA counts."""
     torch = sys.modules.get("torch")
     if torch is None:
         return False
-    counted = getattr(torch.cuda, "_cached_device_count", None) is not None
-    return torch.cuda.is_initialized() or counted
+    return torch.cuda.is_initialized() or (
+        "bitsandbytes" in sys.modules and torch.cuda.is_available()
+    )
 
 
 def default_lock_dir() -> Path:
@@ -101,13 +104,16 @@ def _open_lock(path: Path):
     """The lock file, opened for reading and writing: an existing one without O_CREAT
     (Linux's protected_regular refuses O_CREAT on another user's file in a sticky folder),
     else made readable and writable by every user."""
+    # Never through a symbolic link: in a folder every user writes to, one could point
+    # the holder's line at another user's file.
     for _ in range(2):
         try:
-            return open(path, "r+", encoding="utf-8")  # noqa: SIM115 (held until released)
+            return os.fdopen(os.open(path, os.O_RDWR | os.O_NOFOLLOW), "r+", encoding="utf-8")
         except FileNotFoundError:
             pass
         except PermissionError:  # another user's lock file from before it was shared
-            return open(path, encoding="utf-8")  # noqa: SIM115 (flock needs no write)
+            read_only = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            return os.fdopen(read_only, encoding="utf-8")  # flock needs no write
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, SHARED_FILE_MODE)
         except FileExistsError:
@@ -117,7 +123,7 @@ def _open_lock(path: Path):
     raise OSError(errno.EAGAIN, "the lock file kept changing", str(path))
 
 
-def _try_lock(path: Path):
+def _try_lock(path: Path, inheritable: bool):
     handle = _open_lock(path)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -126,7 +132,7 @@ def _try_lock(path: Path):
         holder = handle.read().strip()
         handle.close()
         return None, holder
-    os.set_inheritable(handle.fileno(), True)  # held across `main`'s exec (Popen closes it)
+    os.set_inheritable(handle.fileno(), inheritable)
     if handle.writable():  # who holds it, for a job that waits
         handle.seek(0)
         handle.truncate()
@@ -141,11 +147,13 @@ def allocated_gpus(
     devices: list[str] | None = None,
     lock_dir: Path | str | None = None,
     poll_seconds: float = 2.0,
+    inheritable: bool = False,
 ) -> Iterator[list[str]]:
     """Hold `count` of `devices` (default: `machine_gpus()`) and set `CUDA_VISIBLE_DEVICES`
     to them for this process and its children; waits while other jobs hold too many.
 
-    A count of 0 is a CPU job: it sees no GPU (a training may hold them all). On a machine
+    A count of 0 is a CPU job: it sees no GPU (a training may hold them all). With
+    `inheritable`, the locks stay held across an exec (`main`). On a machine
     without GPUs this holds nothing and yields [] (training on the CPU). Once CUDA has
     started in this process the choice could not take effect: that is an error.
     """
@@ -178,7 +186,8 @@ def allocated_gpus(
         while True:
             attempt, chosen, holders = ExitStack(), [], {}
             for device in devices:
-                handle, holder = _try_lock(lock_dir / f"gpu-{device.replace('/', '_')}.lock")
+                lock = lock_dir / f"gpu-{device.replace('/', '_')}.lock"
+                handle, holder = _try_lock(lock, inheritable)
                 if handle is None:
                     holders[device] = holder
                     continue
@@ -226,7 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.command:
         parser.error("no command given")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with allocated_gpus(args.gpus):
+    # The locks stay open across the exec; a GPU job the command starts takes its devices
+    # among these, under locks of its own (locking these again would wait on this one).
+    within = default_lock_dir() / f"within-{os.getpid()}"
+    with allocated_gpus(args.gpus, inheritable=True):
+        os.environ["ROBOVQA_GPU_LOCK_DIR"] = str(within)
         os.execvp(args.command[0], args.command)
 
 

@@ -84,10 +84,13 @@ def host_memory_gb() -> float:
 
 @dataclass(frozen=True)
 class Reading:
-    """What the guard watches: its name, for the messages, and its measure in GB."""
+    """What the guard watches: its name, for the messages, its measure in GB, and the
+    share more that a step may need beyond what it measures (`FRAGMENTATION_MARGIN` for
+    the allocator's peak: the limit caps the allocator, not the tensors)."""
 
     name: str
     measure: Callable[[], float]
+    margin: float = 0.0
 
 
 def memory_reading() -> Reading:
@@ -107,8 +110,7 @@ def memory_reading() -> Reading:
         return Reading("host resident memory", host_memory_gb)
     if unified_memory():
         return Reading("host resident + CUDA reserved memory", _reserved_and_resident_gb)
-    margin = f"+{FRAGMENTATION_MARGIN:.0%} for fragmentation"
-    return Reading(f"CUDA peak allocated memory per step ({margin})", _step_peak_gb)
+    return Reading("CUDA peak allocated memory per step", _step_peak_gb, FRAGMENTATION_MARGIN)
 
 
 def _reserved_and_resident_gb() -> float:
@@ -116,12 +118,12 @@ def _reserved_and_resident_gb() -> float:
 
 
 def _step_peak_gb() -> float:
-    """The allocator's peak since the last call, with the margin; then a new peak."""
+    """The allocator's peak since the last call; then a new peak."""
     global _highest_step_peak
     peak = torch.cuda.max_memory_allocated()
     _highest_step_peak = max(_highest_step_peak, peak)
     torch.cuda.reset_peak_memory_stats()
-    return peak * (1 + FRAGMENTATION_MARGIN) / GB
+    return peak / GB
 
 
 def cuda_peak_allocated_gb() -> float:
@@ -186,11 +188,14 @@ class MemoryGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.limit is None:
             return
-        current = self.reading.measure()
+        measured = self.reading.measure()
         if self.previous is not None:
-            self.growth = max(self.growth, current - self.previous)
-        self.previous = current
-        current, growth = ranks.highest([current, self.growth])
+            self.growth = max(self.growth, measured - self.previous)
+        self.previous = measured
+        current, growth = ranks.highest([measured, self.growth])
+        # The step crossed the limit only if what it measured did; the margin is for the
+        # next step's planning (a step at 95% of the allocator's cap finished fine).
+        needed = current * (1 + self.reading.margin)
         headroom = max(growth, HEADROOM_FLOOR * self.limit)
         step = state.global_step
         if current >= self.limit:
@@ -204,10 +209,16 @@ class MemoryGuard(TrainerCallback):
             log.error("memory guard: %s", message)
             self._remember(message)
             raise SystemExit(message)
-        if current + headroom >= self.limit and step < state.max_steps:
+        if needed + headroom >= self.limit and step < state.max_steps:
+            margin = self.reading.margin
+            with_margin = (
+                f" ({needed:.2f} GB with {margin:.0%} for fragmentation)" if margin else ""
+            )
             self.stop_message = (
-                f"step {step}: {self.reading.name} reached {current:.2f} GB of model.max_memory_gb "
-                f"= {self.limit:g} GB, and the next step could add {headroom:.2f} GB; saved "
+                f"step {step}: {self.reading.name} reached {current:.2f} GB"
+                f"{with_margin if margin else ''} of "
+                f"model.max_memory_gb = {self.limit:g} GB, and the next step could add "
+                f"{headroom:.2f} GB; saved "
                 f"checkpoint-{step} in {self.checkpoint_dir} and stopped. "
                 f"{self._what_to_lower()}"
             )

@@ -1,23 +1,41 @@
-"""What a script imports, read from its source with `ast` (nothing is imported): for the
-checks that an environment holds what a script needs, the rules' envs/*.yaml
-(tests/data/test_envs.py) and the GPU slot's machine (benchmarks/gpu_env.py). Imports are
-mapped to distributions through the running environment's metadata. Free of torch and
-TensorFlow.
+"""What a script imports, read from its source with `ast` (nothing is imported), and what
+the project pins: for the checks that an environment holds what a script needs, the rules'
+envs/*.yaml (tests/data/test_envs.py) and the GPU slot's machine (benchmarks/gpu_env.py).
+Imports are mapped to distributions through the running environment's metadata. Free of
+torch and TensorFlow.
 """
 
 from __future__ import annotations
 
 import ast
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import distribution, packages_distributions
 from pathlib import Path
 
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: paths are named from it
+
+
+def exact_pin(line: str, where: str) -> tuple[str, str]:
+    """(normalized name, version) of a `name==version` requirement of `where`; anything
+    else is an error."""
+    requirement = Requirement(line)
+    specs = list(requirement.specifier)
+    if len(specs) != 1 or specs[0].operator != "==":
+        raise ValueError(f"{where}: {line!r} is not an exact `name==version` pin")
+    return canonicalize_name(requirement.name), specs[0].version
+
+
+def project_pins() -> dict[str, str]:
+    """{normalized name: version} of pyproject.toml's dependencies, each an exact pin."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return dict(exact_pin(line, "pyproject.toml") for line in project["dependencies"])
 
 
 @dataclass(frozen=True)

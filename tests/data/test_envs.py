@@ -14,11 +14,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from robovqa_ft.source_imports import distributions_of, third_party_imports
+from robovqa_ft.source_imports import (
+    distributions_of,
+    exact_pin,
+    project_pins,
+    third_party_imports,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "robovqa_ft"
@@ -38,20 +42,6 @@ def rel(path: Path) -> str:
 
 def pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-
-
-def exact_pin(line: str, where: str) -> tuple[str, str]:
-    """(normalized name, version) of a `name==version` requirement; anything else fails."""
-    requirement = Requirement(line)
-    specs = list(requirement.specifier)
-    assert len(specs) == 1 and specs[0].operator == "==", (
-        f"{where}: {line!r} is not an exact `name==version` pin"
-    )
-    return canonicalize_name(requirement.name), specs[0].version
-
-
-def pyproject_pins() -> dict[str, str]:
-    return dict(exact_pin(line, "pyproject.toml") for line in pyproject()["dependencies"])
 
 
 @dataclass(frozen=True)
@@ -137,7 +127,7 @@ def test_every_rule_script_runs_in_an_existing_env():
 @pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda path: path.name)
 def test_env_pins_exactly_what_pyproject_pins(env_file):
     env = read_env(env_file)
-    pins = pyproject_pins()
+    pins = project_pins()
     wrong = [
         f"{name}=={version} (pyproject.toml: {pins.get(name, 'not in dependencies')})"
         for name, version in env.pins.items()

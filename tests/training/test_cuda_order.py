@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from robovqa_ft.devices import allocated_gpus, cuda_started, gpu_uuids
+from robovqa_ft.devices import allocated_gpus, gpu_uuids
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,16 +124,21 @@ def test_the_recorder_sees_a_query_made_before_the_choice(tmp_path):
     assert "device count" in chosen["queries_before"]
 
 
-def test_choosing_after_cuda_started_is_an_error(tmp_path, monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "_cached_device_count", 8)  # as device_count() leaves it
-    assert cuda_started()
-    with (
-        pytest.raises(RuntimeError, match="CUDA started in this process before it chose"),
-        allocated_gpus(1, devices=["0", "1"], lock_dir=tmp_path),
-    ):
-        pass
+def test_choosing_after_bitsandbytes_asked_cuda_is_an_error(tmp_path):
+    # What the old evaluate script did: peft imports bitsandbytes, which counts the devices
+    # (torch records no initialisation for that). On a machine with CUDA, as stated here,
+    # the choice must refuse rather than lock a GPU the process will not use.
+    script = textwrap.dedent(f"""
+        import peft, torch
+        torch.cuda.is_available = lambda: True  # this machine has none
+        from robovqa_ft.devices import allocated_gpus
+        with allocated_gpus(1, devices=["0", "1"], lock_dir={str(tmp_path)!r}):
+            pass
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode != 0
+    assert "CUDA started in this process before it chose its GPUs" in done.stderr
 
 
 def test_a_cpu_job_sees_no_gpu(monkeypatch):

@@ -155,3 +155,18 @@ def test_a_second_user_of_the_node_shares_the_lock_folder():
             process.kill()
             process.wait()
         shutil.rmtree(top)
+
+
+def test_a_gpu_job_started_by_the_launcher_takes_the_launchers_gpu_without_waiting(tmp_path):
+    # e.g. `python -m robovqa_ft.devices 1 python -m robovqa_ft.ask ...`: locking the held
+    # GPU again would wait on the launcher's own lock for ever
+    nested = ("import os; from robovqa_ft.devices import allocated_gpus\n"
+              "with allocated_gpus(1, poll_seconds=0.05):\n"
+              "    print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True)")  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": DEVICES, "ROBOVQA_GPU_LOCK_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "robovqa_ft.devices", "1", sys.executable, "-c", nested],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"

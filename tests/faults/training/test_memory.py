@@ -243,9 +243,21 @@ def test_on_a_gpu_of_its_own_a_step_whose_peak_nears_the_limit_stops_the_run(mon
     stopped_at, message = guard_on_gpu(allocator, [1.0, 2.0, 3.0, 4.0], limit=8.0)
     assert stopped_at == 4
     assert message.startswith(
-        "step 4: CUDA peak allocated memory per step (+10% for fragmentation) reached "
-        "7.70 GB of model.max_memory_gb = 8 GB, and the next step could add 1.10 GB"
+        "step 4: CUDA peak allocated memory per step reached 7.00 GB (7.70 GB with 10% for "
+        "fragmentation) of model.max_memory_gb = 8 GB, and the next step could add 1.00 GB"
     )
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_on_a_gpu_of_its_own_a_step_within_the_margin_of_the_cap_finished_and_is_saved(
+    monkeypatch, last
+):
+    # A 7.5 GB peak under an 8 GB cap: the step ran (the cap would have failed it), so it
+    # is no crossing: save and stop before the next, or, at the last step, simply finish.
+    allocator = FakeAllocator(cap=8.0, kept=3.0)
+    fake_gpu(monkeypatch, allocator, integrated=False)
+    stopped_at, message = guard_on_gpu(allocator, [4.5], limit=8.0, max_steps=1 if last else 20)
+    assert (stopped_at, message is None) == ((None, True) if last else (1, False)), message
 
 
 def test_the_logged_peak_memory_is_the_runs_highest_though_the_guard_resets_it_each_step(

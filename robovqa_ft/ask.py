@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             read_pairs,
             workflow_config,
             write_answers,
-        )  # fmt: skip
+        )
         from robovqa_ft.settings import ConfigError
 
         try:

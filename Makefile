@@ -21,7 +21,7 @@ demo: DEMO_THREADS := 2
 demo: $(STAMP)
 	$(BIN)/snakemake --cores $(DEMO_THREADS) --directory demo --configfile config/demo.yaml
 	@echo
-	@$(BIN)/python -m robovqa_ft.jsonl demo/results/data/metadata.json
+	@$(BIN)/robovqa-data-summary demo/results/data/metadata.json
 	@echo
 	@cat demo/results/ablation/report.md
 	@echo
@@ -30,16 +30,16 @@ demo: $(STAMP)
 	@echo "  val_losses.jsonl);"
 	@echo "  base/; ablation/ (report)"
 	@echo
-	$(BIN)/python -m robovqa_ft.readme_figures README.md demo/results/ablation/report.md \
+	$(BIN)/robovqa-readme-figures README.md demo/results/ablation/report.md \
 		--threads $(DEMO_THREADS)
 	@echo
-	@$(BIN)/python -m robovqa_ft.status --directory demo
+	@$(BIN)/robovqa-status --directory demo
 
 # Every run's state, step, losses, speed, last checkpoint and ETA, from its files only:
 # safe while a training runs, from any node, after a crash (DIR=demo: the demo's runs).
 # No $(STAMP): reinstalling the venv under a running training must not happen here.
 status:
-	@$(BIN)/python -m robovqa_ft.status --directory $(or $(DIR),.)
+	@$(BIN)/robovqa-status --directory $(or $(DIR),.)
 
 # TensorFlow and torch must not share a process: one pytest run each. The fault suite
 # (tests/faults/) is part of it, its kills at their default size.
@@ -68,38 +68,38 @@ format: $(STAMP)
 
 # Every CPU benchmark, side by side in one run (docs/performance.md has the figures).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/extract_frames.py
-	$(BIN)/python benchmarks/padding.py
-	$(BIN)/python benchmarks/dataloader.py
-	$(BIN)/python benchmarks/train_step.py --tiny
-	$(BIN)/python benchmarks/flops.py
-	$(BIN)/python benchmarks/eval_cost.py
+	$(BIN)/python bench/extract_frames.py
+	$(BIN)/python bench/padding.py
+	$(BIN)/python bench/dataloader.py
+	$(BIN)/python bench/train_step.py --tiny
+	$(BIN)/python bench/flops.py
+	$(BIN)/python bench/eval_cost.py
 
 # The full-size training step: needs a GPU (and 16 GB of disk for the random weights).
-# It takes a GPU no job holds (python -m robovqa_ft.devices), as a workflow job would.
+# It takes a GPU no job holds (robovqa-gpus), as a workflow job would.
 bench-gpu: $(STAMP)
-	$(BIN)/python -m robovqa_ft.devices 1 $(BIN)/python benchmarks/train_step.py \
+	$(BIN)/robovqa-gpus 1 $(BIN)/python bench/train_step.py \
 		--workdir $(or $(BENCH_DIR),/tmp/robovqa-bench)
 
 # The training step within a short GPU slot: `make gpu-wheels` puts the pins the slot's
-# machine lacks in .whl/; the command to run there is in benchmarks/gpu_slot.py's
+# machine lacks in .whl/; the command to run there is in bench/gpu_slot.py's
 # docstring. `make rehearse-gpu-slot` runs that command here at tiny size (CPU, float32)
 # in what that machine has: a Python 3.12 environment (.venv-gpu-slot/) of the packages
-# the slot uses, at the machine's versions (benchmarks/gpu_env.py requirements), plus the
+# the slot uses, at the machine's versions (bench/gpu_env.py requirements), plus the
 # carried wheels installed as the slot installs them, and nothing else; with a budget
 # that leaves setups out (SLOT_ARGS="--budget-seconds 600" runs them all).
 .PHONY: gpu-wheels rehearse-gpu-slot
 SLOT_VENV := .venv-gpu-slot
 SLOT_SITE := /tmp/robovqa-gpu-slot-site
 gpu-wheels: $(STAMP)
-	bash benchmarks/fetch_gpu_wheels.sh
+	bash bench/fetch_gpu_wheels.sh
 
-$(SLOT_VENV)/.installed-stamp: benchmarks/gpu_image.txt benchmarks/gpu_env.py pyproject.toml | $(STAMP)
+$(SLOT_VENV)/.installed-stamp: bench/gpu_image.txt bench/gpu_env.py pyproject.toml | $(STAMP)
 	rm -rf $(SLOT_VENV)
-	python312=$$(bash benchmarks/python312.sh) || { echo "no Python 3.12 here: set" \
+	python312=$$(bash bench/python312.sh) || { echo "no Python 3.12 here: set" \
 		"PYTHON312=/path/to/python3.12 (the GPU slot's machine runs 3.12)"; exit 1; }; \
 		$$python312 -m venv $(SLOT_VENV)
-	$(BIN)/python benchmarks/gpu_env.py requirements > $(SLOT_VENV)/requirements.txt
+	$(BIN)/python bench/gpu_env.py requirements > $(SLOT_VENV)/requirements.txt
 	$(SLOT_VENV)/bin/pip install --quiet -r $(SLOT_VENV)/requirements.txt
 	touch $@
 
@@ -108,7 +108,7 @@ rehearse-gpu-slot: gpu-wheels $(SLOT_VENV)/.installed-stamp
 	$(SLOT_VENV)/bin/python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
 		--upgrade --target $(SLOT_SITE) .whl/*.whl
 	PYTHONPATH=$(SLOT_SITE):$(CURDIR) PYTHONUNBUFFERED=1 $(SLOT_VENV)/bin/python \
-		benchmarks/gpu_slot.py --tiny --out $(or $(SLOT_OUT),/tmp/robovqa-gpu-slot) \
+		bench/gpu_slot.py --tiny --out $(or $(SLOT_OUT),/tmp/robovqa-gpu-slot) \
 		$(or $(SLOT_ARGS),--budget-seconds 60)
 
 # What a rerun makes again cheaply: the demo's folder and the tools' caches.

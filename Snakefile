@@ -5,7 +5,7 @@ import sys
 
 from snakemake.utils import min_version
 
-from robovqa_ft.settings import ConfigError, check_config
+from robovqa_ft.core.settings import ConfigError, check_config
 
 min_version("9.0")
 

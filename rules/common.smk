@@ -1,6 +1,7 @@
-from robovqa_ft.bucket import read_manifest, source_folders
-from robovqa_ft.jsonl import jsonl_paths
-from robovqa_ft.checkpoints import shaping_settings
+from robovqa_ft.data.bucket import read_manifest, source_folders
+from robovqa_ft.data.jsonl import jsonl_paths
+from robovqa_ft.core.runs import RUNS, TRAINED, run_stage
+from robovqa_ft.core.settings import shaping_settings
 
 JSONL_OUTPUTS = jsonl_paths("results/data")
 FRAME_SIZE = (config["frame_size"], config["frame_size"])
@@ -47,11 +48,10 @@ TRAIN_GPUS = asked_resource("train", "gpu", config["training"]["gpus"])
 
 
 TINY_MODEL = "results/models/tiny"
-RUNS = ("stage1", "stage2", "stage2_only")
 
 
 wildcard_constraints:
-    run="|".join(("base", *RUNS)),
+    run="|".join(RUNS),
 
 
 def model_settings():
@@ -73,11 +73,6 @@ def report_settings():
     }
 
 
-def run_stage(run):
-    """Which data and hyperparameters a run uses: stage1, or stage2 for both others."""
-    return "stage1" if run == "stage1" else "stage2"
-
-
 def training_inputs(wildcards):
     stage = run_stage(wildcards.run)
     inputs = {
@@ -90,9 +85,6 @@ def training_inputs(wildcards):
     if wildcards.run == "stage2":
         inputs["init_adapter"] = "results/stage1/adapter"
     return inputs
-
-
-EVAL_RUNS = ("base", *RUNS)
 
 
 def evaluation_inputs(wildcards):

@@ -35,15 +35,15 @@ rule evaluate:
 # `snakemake ablation_report`: the curriculum against stage-2-only, base model beside.
 rule ablation_report:
     input:
-        evals=expand("results/{run}/eval.json", run=EVAL_RUNS),
-        predictions=expand("results/{run}/predictions.jsonl", run=EVAL_RUNS),
-        losses=expand("results/{run}/val_losses.jsonl", run=EVAL_RUNS),
+        evals=expand("results/{run}/eval.json", run=RUNS),
+        predictions=expand("results/{run}/predictions.jsonl", run=RUNS),
+        losses=expand("results/{run}/val_losses.jsonl", run=RUNS),
         metadata="results/data/metadata.json",
         # other training seeds' evaluations, each in a --directory of its own
         pooled=expand(
             "{directory}/results/{run}/eval.json",
             directory=config["report"]["pool"],
-            run=EVAL_RUNS,
+            run=RUNS,
         ),
     output:
         report="results/ablation/report.md",
@@ -56,8 +56,8 @@ rule ablation_report:
         "../envs/train.yaml"
     params:
         settings=report_settings(),
-        runs=EVAL_RUNS,
-        timings={run: f"benchmarks/train/{run}.tsv" for run in RUNS},
+        runs=RUNS,
+        timings={run: f"benchmarks/train/{run}.tsv" for run in TRAINED},
         pool=config["report"]["pool"],
     script:
         "../workflow_scripts/ablation_report.py"

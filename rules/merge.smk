@@ -1,7 +1,8 @@
 # A run's adapter merged into the base, with its processor and model card, for serving
 # or the Hub: `snakemake --cores 2 results/stage2/merged`. Not in the default target.
 # A CPU job: it asks for no GPU, and its script hides them.
-from robovqa_ft.merge import CURRICULUM, merge_memory_mb
+from robovqa_ft.tools.merge import merge_memory_mb
+from robovqa_ft.core.runs import CURRICULUM
 
 
 rule merge:
@@ -17,12 +18,12 @@ rule merge:
     benchmark:
         "benchmarks/merge/{run}.tsv"
     wildcard_constraints:
-        run="|".join(RUNS),
+        run="|".join(TRAINED),
     conda:
         "../envs/train.yaml"
     threads: 2
     resources:
-        # <TBD> until the adapter exists; then from the base's weights (robovqa_ft/merge.py)
+        # <TBD> until the adapter exists; then from the base's weights (robovqa_ft/tools/merge.py)
         mem_mb=lambda wildcards, input: merge_memory_mb(
             input.adapter,
             model_settings()["name"],

@@ -32,7 +32,7 @@ rule train:
     benchmark:
         "benchmarks/train/{run}.tsv"
     wildcard_constraints:
-        run="|".join(RUNS),
+        run="|".join(TRAINED),
     retries: 2  # a crash resumes from the newest checkpoint by itself
     conda:
         "../envs/train.yaml"

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from robovqa_ft.logs import log_to
-from robovqa_ft.report import write_report
+from robovqa_ft.core.logs import log_to
+from robovqa_ft.evaluation.report import write_report
 
 with log_to(snakemake.log[0]):
     write_report(

@@ -1,7 +1,7 @@
 """Snakemake adapter: split by video and write both stages' JSONL and the metadata."""
 
-from robovqa_ft.jsonl import build_jsonl, jsonl_paths
-from robovqa_ft.logs import log_to
+from robovqa_ft.core.logs import log_to
+from robovqa_ft.data.jsonl import build_jsonl, jsonl_paths
 
 with log_to(snakemake.log[0]):
     build_jsonl(

@@ -1,7 +1,7 @@
 """Snakemake adapter: build the demo's tiny InternVL from the training text."""
 
-from robovqa_ft.logs import log_to
-from robovqa_ft.random_model import build_tiny_internvl
+from robovqa_ft.core.logs import log_to
+from robovqa_ft.training.random_model import build_tiny_internvl
 
 with log_to(snakemake.log[0]):
     build_tiny_internvl(

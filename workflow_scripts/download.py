@@ -1,7 +1,7 @@
 """Snakemake adapter: resolve the source to shards and write the manifest."""
 
-from robovqa_ft.bucket import prepare_source
-from robovqa_ft.logs import log_to
+from robovqa_ft.core.logs import log_to
+from robovqa_ft.data.bucket import prepare_source
 
 with log_to(snakemake.log[0]):
     prepare_source(

@@ -1,7 +1,7 @@
 """Snakemake adapter: extract one shard's frames and write its record index."""
 
-from robovqa_ft.frames import extract_shard
-from robovqa_ft.logs import log_to
+from robovqa_ft.core.logs import log_to
+from robovqa_ft.data.frames import extract_shard
 
 with log_to(snakemake.log[0]):
     extract_shard(

@@ -1,8 +1,8 @@
 """Snakemake adapter: train one run (stage1, stage2 or stage2_only) on the job's GPUs,
 resuming if it can."""
 
-from robovqa_ft.launch import train_job
-from robovqa_ft.logs import log_to
+from robovqa_ft.core.logs import log_to
+from robovqa_ft.training.launch import train_job
 
 config, params = snakemake.config, snakemake.params
 with log_to(snakemake.log[0]):

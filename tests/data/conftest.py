@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from robovqa_ft.demo_bucket import write_tfrecord
+from robovqa_ft.data.demo_bucket import write_tfrecord
 
 
 @pytest.fixture

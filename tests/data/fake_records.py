@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from robovqa_ft.demo_bucket import clip_frames, clip_text, random_clip, sequence_example
+from robovqa_ft.data.demo_bucket import clip_frames, clip_text, random_clip, sequence_example
 
 SMALL_FRAME = (64, 48)
 

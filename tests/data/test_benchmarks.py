@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_extract_frames_benchmark_prints_every_figure():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "extract_frames.py"),
+        [sys.executable, str(ROOT / "bench" / "extract_frames.py"),
          "--frames", "16", "--clips", "2", "--repeats", "1"],
         capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip

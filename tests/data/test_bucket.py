@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from robovqa_ft.bucket import BucketError, parse_gcs_uri, prepare_source, read_manifest
-from robovqa_ft.demo_bucket import write_tfrecord
+from robovqa_ft.data.bucket import BucketError, parse_gcs_uri, prepare_source, read_manifest
+from robovqa_ft.data.demo_bucket import write_tfrecord
 
 
 def test_review_bucket_is_an_alias_of_the_public_one():

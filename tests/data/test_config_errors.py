@@ -1,4 +1,4 @@
-"""Config mistakes stop `snakemake` before any job, each in one line (robovqa_ft.settings);
+"""Config mistakes stop `snakemake` before any job, each in one line (robovqa_ft.core.settings);
 values written as strings (1e-4, nested --config) reach the jobs as the schema's types."""
 
 import json
@@ -11,7 +11,7 @@ from snakemake.cli import parse_config
 from snakemake.utils import update_config
 from test_workflow import ROOT, snakemake
 
-from robovqa_ft.settings import FAMILY_PACKS, check_config
+from robovqa_ft.core.settings import FAMILY_PACKS, check_config
 
 DEMO = str(ROOT / "config" / "demo.yaml")
 SCHEMA = yaml.safe_load((ROOT / "config" / "schema.yaml").read_text())
@@ -147,8 +147,8 @@ import json
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.trainer_utils import SchedulerType
-from robovqa_ft.model import FAMILIES
-from robovqa_ft.samples import PADDING
+from robovqa_ft.training.model import FAMILIES
+from robovqa_ft.training.collate import PADDING
 
 print(json.dumps({
     "scheduler": [s.value for s in SchedulerType],

@@ -1,6 +1,6 @@
 """The rules' conda environments (envs/*.yaml) against pyproject.toml and the code they run.
 
-Read, never imported: the rules' code is parsed with `ast` (robovqa_ft.source_imports), so
+Read, never imported: the rules' code is parsed with `ast` (robovqa_ft.core.source_imports), so
 this process stays free of torch and TensorFlow, and imports are mapped to distributions
 through the venv's metadata.
 """
@@ -17,7 +17,7 @@ import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from robovqa_ft.source_imports import (
+from robovqa_ft.core.source_imports import (
     distributions_of,
     exact_pin,
     project_pins,

@@ -4,7 +4,7 @@ removes what a killed one left."""
 import os
 import signal
 
-from robovqa_ft.files import atomic_directory, atomic_open
+from robovqa_ft.core.files import atomic_directory, atomic_open
 
 
 def test_a_writer_killed_mid_write_leaves_only_a_part_that_the_next_write_removes(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 from fake_records import SMALL_FRAME, good_record
 from PIL import Image
 
-from robovqa_ft.demo_bucket import bad_record
-from robovqa_ft.frames import extract_shard, resize_jpeg
+from robovqa_ft.data.demo_bucket import bad_record
+from robovqa_ft.data.frames import extract_shard, resize_jpeg
 
 
 def run_extract(shard, tmp_path, size=(32, 32)):
@@ -97,7 +97,7 @@ def test_clip_id_in_two_shards_keeps_the_first_publishers_frames_and_answers(mak
 
 KILL_SCRIPT = """
 import sys
-from robovqa_ft.frames import extract_shard
+from robovqa_ft.data.frames import extract_shard
 extract_shard(sys.argv[1], "shard", sys.argv[2], sys.argv[3], sys.argv[4], (64, 64), 16, 90)
 """
 
@@ -130,7 +130,7 @@ def test_kill_mid_shard_leaves_no_partial_frame_and_rerun_completes(make_shard, 
 
 
 def test_a_frames_per_clip_the_data_does_not_have_stops_at_the_first_shard(make_shard, tmp_path):
-    from robovqa_ft.frames import FrameCountError
+    from robovqa_ft.data.frames import FrameCountError
 
     shard = make_shard([good_record(f"clip-{i}", i) for i in range(3)])  # 16 frames each
     with pytest.raises(FrameCountError, match="frames_per_clip = 8 frames; all have 16"):

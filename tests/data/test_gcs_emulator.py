@@ -16,7 +16,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from tcp_relay import Relay, Request
 
-from robovqa_ft.bucket import BucketError, Patience, download_gcs
+from robovqa_ft.data.bucket import BucketError, Patience, download_gcs
 
 # Seconds, not minutes: a test that hangs or gives up too early shows within the run.
 PATIENCE = Patience(

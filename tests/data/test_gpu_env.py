@@ -1,13 +1,13 @@
-"""The GPU slot's environment (benchmarks/gpu_env.py): every package the slot's code
+"""The GPU slot's environment (bench/gpu_env.py): every package the slot's code
 imports is on that machine or carried to it, and the rehearsal installs that machine's."""
 
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "bench"))
 
-import gpu_env  # noqa: E402 - a benchmarks/ module
+import gpu_env  # noqa: E402 - a bench/ module
 from packaging.utils import canonicalize_name  # noqa: E402
 
 
@@ -21,14 +21,16 @@ def test_a_package_neither_there_nor_carried_is_named_with_its_importer(monkeypa
         gpu_env, "CARRIED", tuple(c for c in gpu_env.CARRIED if c != "tensorboardx")
     )
     problems = gpu_env.missing()
-    assert any(p.startswith("tensorboardx (import tensorboardX") and "robovqa_ft/curves.py" in p
-               for p in problems), problems  # fmt: skip
+    assert any(p.startswith("tensorboardx (import tensorboardX")
+               and "robovqa_ft/training/curves.py" in p for p in problems), problems  # fmt: skip
 
 
 def test_the_slots_imports_are_read_through_the_project_modules_it_reaches():
     imports = gpu_env.third_party_imports()
-    assert "robovqa_ft/model.py" in imports["peft"]  # gpu_slot -> robovqa_ft.model
-    assert "benchmarks/train_step.py" in imports["torch"]  # a benchmarks/ sibling
+    assert (
+        "robovqa_ft/training/model.py" in imports["peft"]
+    )  # gpu_slot -> robovqa_ft.training.model
+    assert "bench/train_step.py" in imports["torch"]  # a bench/ sibling
     assert not [m for m in imports if m.split(".")[0] in ("robovqa_ft", "train_step", "os")]
 
 

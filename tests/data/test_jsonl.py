@@ -1,4 +1,4 @@
-"""robovqa_ft.jsonl (clip splits, subsets, curriculum JSONL) and frames' folder-safe ids."""
+"""robovqa_ft.data.jsonl (clip splits, subsets, curriculum JSONL) and frames' folder-safe ids."""
 
 import json
 import re
@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from robovqa_ft.frames import sanitize_id, video_id_for
-from robovqa_ft.jsonl import assign_splits, build_jsonl, jsonl_paths, select_subset
+from robovqa_ft.data.frames import sanitize_id, video_id_for
+from robovqa_ft.data.jsonl import assign_splits, build_jsonl, jsonl_paths, select_subset
 
 OUTPUT_KEYS = tuple(jsonl_paths())
 

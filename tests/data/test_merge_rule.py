@@ -102,9 +102,9 @@ def test_merge_memory_of_a_hub_model_is_read_from_the_local_cache(tmp_path):
 
 
 def test_the_workflow_plans_the_merge_without_loading_torch():
-    # rules/merge.smk imports robovqa_ft.merge into every snakemake process
+    # rules/merge.smk imports robovqa_ft.tools.merge into every snakemake process
     heavy = ("torch", "transformers", "peft", "matplotlib")
-    code = f"import sys, robovqa_ft.merge; print([m for m in {heavy} if m in sys.modules])"
+    code = f"import sys, robovqa_ft.tools.merge; print([m for m in {heavy} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, timeout=120)  # fmt: skip
     assert result.stdout.strip() == "[]"

@@ -1,10 +1,10 @@
-"""robovqa_ft.qa: the RoboVQA text grammar, parsed from literal record texts."""
+"""robovqa_ft.data.qa: the RoboVQA text grammar, parsed from literal record texts."""
 
 from collections import Counter
 
 import pytest
 
-from robovqa_ft.qa import QA, TASK_FAMILIES, parse_qa_text
+from robovqa_ft.data.qa import QA, TASK_FAMILIES, parse_qa_text
 
 # The abridged literal record of ROBOVQA.md, byte for byte.
 ABRIDGED_RECORD = (

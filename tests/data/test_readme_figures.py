@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from robovqa_ft import readme_figures
-from robovqa_ft.readme_figures import (
+from robovqa_ft.tools import readme_figures
+from robovqa_ft.tools.readme_figures import (
     BEGIN,
     END,
     ROBUST,

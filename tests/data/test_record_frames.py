@@ -1,11 +1,11 @@
-"""robovqa_ft.record_frames, the child process that reads a TFRecord's clips for `ask`."""
+"""robovqa_ft.data.record_frames, the child process that reads a TFRecord's clips for `ask`."""
 
 import pytest
 from fake_records import good_record
 
-from robovqa_ft.demo_bucket import sequence_example
-from robovqa_ft.frames import extract_shard
-from robovqa_ft.record_frames import RecordFramesError, main, write_record_frames
+from robovqa_ft.data.demo_bucket import sequence_example
+from robovqa_ft.data.frames import extract_shard
+from robovqa_ft.data.record_frames import RecordFramesError, main, write_record_frames
 
 SETTINGS = {"frame_size": 32, "jpeg_quality": 90, "frames_per_clip": 16}
 

@@ -1,7 +1,7 @@
 from fake_records import good_record
 
-from robovqa_ft.records import decode_sequence_example, import_tensorflow
-from robovqa_ft.tfrecord import iter_tfrecord
+from robovqa_ft.data.records import decode_sequence_example, import_tensorflow
+from robovqa_ft.data.tfrecord import iter_tfrecord
 
 
 def test_reader_matches_tensorflows_own_reader(make_shard):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from robovqa_ft.checkpoints import BOOKKEEPING, READS, TOP_LEVEL
+from robovqa_ft.core.settings import BOOKKEEPING, READS, TOP_LEVEL
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = "results/data/metadata.json"  # the data half of the DAG
@@ -145,7 +145,7 @@ def test_after_a_kill_only_what_did_not_finish_runs_again(tmp_path):
 def test_a_gcs_source_run_through_an_emulator_plans_nothing_after_it_completes(tmp_path):
     from test_gcs_emulator import Emulator
 
-    from robovqa_ft.demo_bucket import generate_demo_bucket
+    from robovqa_ft.data.demo_bucket import generate_demo_bucket
 
     bucket = tmp_path / "bucket"
     generate_demo_bucket(bucket, clips=12, shards_per_split=2, frame_size=(64, 48), bad_records=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from robovqa_ft.checkpoints import BOOKKEEPING
+from robovqa_ft.core.settings import BOOKKEEPING
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")

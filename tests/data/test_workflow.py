@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from robovqa_ft.demo_bucket import generate_demo_bucket
+from robovqa_ft.data.demo_bucket import generate_demo_bucket
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from robovqa_ft.random_model import build_tiny_internvl
+from robovqa_ft.training.random_model import build_tiny_internvl
 
 
 def write_clip(images_dir: Path, video_id: str, bright: bool) -> list[str]:

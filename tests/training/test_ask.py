@@ -1,4 +1,4 @@
-"""robovqa_ft.ask: a trained run answers questions about clips it never saw, as evaluation
+"""robovqa_ft.tools.ask: a trained run answers questions about clips it never saw, as evaluation
 answers them on the frames extraction would have stored."""
 
 import json
@@ -17,10 +17,10 @@ from PIL import Image
 from training_helpers import train_tiny
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from robovqa_ft.answering import AskError, ask, frame_jpegs, model_source, workflow_config
-from robovqa_ft.ask import main
-from robovqa_ft.evaluate import evaluate_run
-from robovqa_ft.frames import resize_jpeg, resized_jpeg
+from robovqa_ft.data.frames import resize_jpeg, resized_jpeg
+from robovqa_ft.evaluation.evaluate import evaluate_run
+from robovqa_ft.tools.answering import AskError, ask, frame_jpegs, model_source, workflow_config
+from robovqa_ft.tools.ask import main
 
 FRAME_SIZE, QUALITY = 48, 90  # frames shrunk from the tiny setup's 64 px, as extraction would
 CLIPS = ("val-000", "val-001")
@@ -287,8 +287,8 @@ def test_a_relative_model_folder_is_taken_from_the_runs_workflow_directory(tmp_p
 MAKE_SHARD = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from robovqa_ft.demo_bucket import qa_block, sequence_example, write_tfrecord
-    from robovqa_ft.frames import extract_shard
+    from robovqa_ft.data.demo_bucket import qa_block, sequence_example, write_tfrecord
+    from robovqa_ft.data.frames import extract_shard
     images, shard, out, size, quality = sys.argv[1:]
     frames = {clip: [p.read_bytes() for p in sorted(Path(images, clip).iterdir())]
               for clip in ("val-000", "val-001")}

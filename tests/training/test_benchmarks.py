@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def table(script: str, *args: str) -> list[list[str]]:
     """The rows of the benchmark's ` | ` table that follow each header line."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        [sys.executable, str(ROOT / "bench" / script), *args],
         capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
     return [line.split(" | ") for line in result.stdout.splitlines() if " | " in line]
@@ -49,11 +49,11 @@ def test_train_step_prints_one_line_per_setup_and_stage(tmp_path):
 
 
 def test_train_step_flops_follow_the_stated_formula():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "bench"))
     from train_step import model_flops
     from transformers import InternVLConfig
 
-    from robovqa_ft.random_model import INTERNVL3_8B
+    from robovqa_ft.training.random_model import INTERNVL3_8B
 
     arch = INTERNVL3_8B
     config = InternVLConfig(
@@ -77,7 +77,7 @@ def slot_report(tmp_path: Path, *args: str) -> list[str]:
     """The lines of gpu_slot.md from a tiny rehearsal of the GPU slot's benchmark."""
     out = tmp_path / "out"
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_slot.py"), "--tiny", "--out", str(out),
+        [sys.executable, str(ROOT / "bench" / "gpu_slot.py"), "--tiny", "--out", str(out),
          "--workdir", str(tmp_path / "work"), *args],
         capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
@@ -112,14 +112,14 @@ def test_gpu_slot_stops_cleanly_when_its_budget_is_spent(tmp_path):
 def test_gpu_slot_builds_in_memory_the_model_load_model_loads(tmp_path):
     """Same modules, dtypes, trainable weights and outputs as loading the same random
     weights through `load_model`, in bf16 LoRA and in nf4."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "bench"))
     from gpu_slot import build_model
     from synthetic import processor_for, write_clips
     from train_step import LORA, Setup
     from transformers import InternVLForConditionalGeneration
 
-    from robovqa_ft.model import attach_lora, load_model
-    from robovqa_ft.random_model import internvl_config
+    from robovqa_ft.training.model import attach_lora, load_model
+    from robovqa_ft.training.random_model import internvl_config
 
     processor = processor_for(write_clips(tmp_path / "clips", 2), image_size=56)
     config = internvl_config("tiny", processor)
@@ -205,7 +205,7 @@ def test_flops_benchmark_counts_every_group_and_the_recompute_beside_the_formula
 
 def test_eval_cost_counts_both_formats_answers_and_controls_of_every_run():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "eval_cost.py"), "--answers-per-family", "10"],
+        [sys.executable, str(ROOT / "bench" / "eval_cost.py"), "--answers-per-family", "10"],
         capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
     lines = result.stdout.splitlines()
@@ -225,12 +225,12 @@ def synthetic_step(lengths: list[int], labelled: int, tiles: int) -> list[dict]:
 
 
 def test_gpu_slot_orders_setups_by_counted_flops_and_packing_under_sdpa_goes_last():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "bench"))
     from gpu_slot import BASELINES, flop_order, slot_setups
     from train_step import Setup, executed_flops, language_sizes, lora_parameters
     from transformers import InternVLConfig
 
-    from robovqa_ft.random_model import INTERNVL3_8B
+    from robovqa_ft.training.random_model import INTERNVL3_8B
 
     config = InternVLConfig(**copy.deepcopy(INTERNVL3_8B))
     lora = lora_parameters(config, 128)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from robovqa_ft.confidence import (
+from robovqa_ft.evaluation.confidence import (
     Interval,
     bootstrap_mean,
     mcnemar_exact,

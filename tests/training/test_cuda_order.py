@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from robovqa_ft.devices import allocated_gpus, gpu_uuids
+from robovqa_ft.core.devices import allocated_gpus, gpu_uuids
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ RECORDER = textwrap.dedent("""
     torch._C._cuda_getDeviceCount = recorded("device count", torch._C._cuda_getDeviceCount)
     torch.cuda._lazy_init = recorded("initialisation", torch.cuda._lazy_init)
 
-    import robovqa_ft.devices
+    import robovqa_ft.core.devices
 
     class Chosen(Exception):
         pass
@@ -50,7 +50,7 @@ RECORDER = textwrap.dedent("""
         raise Chosen  # what the job does with its devices is not under test here
         yield
 
-    robovqa_ft.devices.allocated_gpus = choose
+    robovqa_ft.core.devices.allocated_gpus = choose
 
     class Anything:
         "Whatever a job script reads of its snakemake object before it chooses."
@@ -87,7 +87,7 @@ JOBS = {
     "train": ["workflow_scripts/train.py"],
     "evaluate": ["workflow_scripts/evaluate.py"],
     "merge": ["workflow_scripts/merge.py"],
-    "ask": ["robovqa_ft.ask", "results/stage2", "--frames", "clip", "--question", "Q: done?"],
+    "ask": ["robovqa_ft.tools.ask", "results/stage2", "--frames", "clip", "--question", "Q: done?"],
 }
 
 
@@ -117,7 +117,7 @@ def test_the_recorder_sees_a_query_made_before_the_choice(tmp_path):
     # (bitsandbytes counts the devices at import) must be caught.
     script = tmp_path / "early.py"
     script.write_text(
-        "import peft\nfrom robovqa_ft.devices import allocated_gpus\n"
+        "import peft\nfrom robovqa_ft.core.devices import allocated_gpus\n"
         "with allocated_gpus(1):\n    pass\n"
     )
     chosen = queries_before_the_choice([str(script)], tmp_path)
@@ -131,7 +131,7 @@ def test_choosing_after_bitsandbytes_asked_cuda_is_an_error(tmp_path):
     script = textwrap.dedent(f"""
         import peft, torch
         torch.cuda.is_available = lambda: True  # this machine has none
-        from robovqa_ft.devices import allocated_gpus
+        from robovqa_ft.core.devices import allocated_gpus
         with allocated_gpus(1, devices=["0", "1"], lock_dir={str(tmp_path)!r}):
             pass
     """)

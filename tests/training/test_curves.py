@@ -1,4 +1,4 @@
-"""TensorBoard curves (robovqa_ft/curves.py): every logged scalar once per step across a
+"""TensorBoard curves (robovqa_ft/training/curves.py): every logged scalar once per step across a
 resume, read back with tensorboard's own event reader, with no TensorFlow in the
 training process; stale checkpoints take their events along; report_to's other entries
 reach the Trainer, and one not installed stops the run before any job."""
@@ -19,12 +19,12 @@ from tensorboardX.summary import scalar
 from training_helpers import csv_rows, run_settings
 from training_helpers import train_tiny as run
 
-from robovqa_ft import settings
-from robovqa_ft.checkpoints import prepare_checkpoint_dir
-from robovqa_ft.curves import keep_events_up_to
-from robovqa_ft.settings import ConfigError, check_config
-from robovqa_ft.status import EVENTS_DIR
-from robovqa_ft.train import training_arguments
+from robovqa_ft.core import settings
+from robovqa_ft.core.runs import EVENTS_DIR
+from robovqa_ft.core.settings import ConfigError, check_config
+from robovqa_ft.training.checkpoints import prepare_checkpoint_dir
+from robovqa_ft.training.curves import keep_events_up_to
+from robovqa_ft.training.train import training_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = ("samples_per_s", "tokens_per_s", "real_token_share", "peak_memory_gb")

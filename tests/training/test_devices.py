@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from robovqa_ft.devices import allocated_gpus, machine_gpus
+from robovqa_ft.core.devices import allocated_gpus, machine_gpus
 
 HOLD = """
 import os, sys
-from robovqa_ft.devices import allocated_gpus
+from robovqa_ft.core.devices import allocated_gpus
 with allocated_gpus(int(sys.argv[1]), devices=sys.argv[2].split(","), lock_dir=sys.argv[3],
                     poll_seconds=0.05):
     print(os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
@@ -110,7 +110,7 @@ def test_a_command_run_through_the_devices_launcher_gets_a_free_gpu_and_holds_it
     training = holder(2, tmp_path)
     assert devices_of(training) == {"0", "1"}
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": DEVICES, "ROBOVQA_GPU_LOCK_DIR": str(tmp_path)}
-    command = [sys.executable, "-m", "robovqa_ft.devices", "1", "--", sys.executable, "-c",
+    command = [sys.executable, "-m", "robovqa_ft.core.devices", "1", "--", sys.executable, "-c",
                "import os, sys; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); "
                "sys.stdin.readline()"]  # fmt: skip
     launched = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -158,14 +158,14 @@ def test_a_second_user_of_the_node_shares_the_lock_folder():
 
 
 def test_a_gpu_job_started_by_the_launcher_takes_the_launchers_gpu_without_waiting(tmp_path):
-    # e.g. `python -m robovqa_ft.devices 1 python -m robovqa_ft.ask ...`: locking the held
+    # e.g. `robovqa-gpus 1 robovqa-ask ...`: locking the held
     # GPU again would wait on the launcher's own lock for ever
-    nested = ("import os; from robovqa_ft.devices import allocated_gpus\n"
+    nested = ("import os; from robovqa_ft.core.devices import allocated_gpus\n"
               "with allocated_gpus(1, poll_seconds=0.05):\n"
               "    print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True)")  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": DEVICES, "ROBOVQA_GPU_LOCK_DIR": str(tmp_path)}
     done = subprocess.run(
-        [sys.executable, "-m", "robovqa_ft.devices", "1", sys.executable, "-c", nested],
+        [sys.executable, "-m", "robovqa_ft.core.devices", "1", sys.executable, "-c", nested],
         env=env, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -23,9 +23,9 @@ from training_helpers import (
     with_unfit_rows,
 )
 
-from robovqa_ft.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
-from robovqa_ft.launch import check_given_gpus, train_job
-from robovqa_ft.samples import StepSampler
+from robovqa_ft.training.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
+from robovqa_ft.training.launch import check_given_gpus, train_job
+from robovqa_ft.training.steps import StepSampler
 
 TESTS = Path(__file__).parent
 # No LoRA dropout: its masks are drawn per process, so they differ between 1 and 2.
@@ -35,8 +35,8 @@ LAUNCHER = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from training_helpers import run_settings
-from robovqa_ft.launch import train_job
-from robovqa_ft.logs import log_to
+from robovqa_ft.training.launch import train_job
+from robovqa_ft.core.logs import log_to
 args = json.loads(sys.argv[1])
 with log_to(args["log"]):
     train_job(args["processes"], args["processes"], 2,
@@ -243,7 +243,9 @@ def test_sigterm_stops_both_ranks_at_one_step_with_a_checkpoint_to_resume(tiny_s
     step = int(saved.name.split("-")[1])
     assert step < 40 and not (tmp_path / "adapter").exists()
     job_log = (tmp_path / "job.log").read_text()
-    stops = re.findall(r"(rank 1 )?WARNING robovqa_ft.train: stopping at step (\d+)", job_log)
+    stops = re.findall(
+        r"(rank 1 )?WARNING robovqa_ft.training.train: stopping at step (\d+)", job_log
+    )
     assert sorted(stops) == [("", str(step)), ("rank 1 ", str(step))], job_log[-3000:]
 
     succeeded(launch(tiny_setup, tmp_path, 2, **settings), tmp_path)

@@ -14,33 +14,27 @@ import torch
 from peft import PeftModel
 from training_helpers import run_settings, train_tiny
 
-from robovqa_ft.evaluate import (
-    answer_batches,
+from robovqa_ft.evaluation.evaluate import evaluate_run
+from robovqa_ft.evaluation.generation import answer_batches
+from robovqa_ft.evaluation.journal import Journal, journal_fingerprint
+from robovqa_ft.evaluation.questions import (
     answer_sample,
-    evaluate_run,
-    journal_fingerprint,
-    loss_summary,
-    normalize,
     other_clip_rows,
     question_turn,
     questions_to_ask,
-    sample_losses,
+)
+from robovqa_ft.evaluation.scoring import (
+    normalize,
     score_answer,
     score_group,
     score_predictions,
     sentence_bleu,
     yes_no,
 )
-from robovqa_ft.journal import Journal
-from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
-from robovqa_ft.samples import (
-    JsonlDataset,
-    SampleBuilder,
-    assistant_spans,
-    clip_order,
-    pad_batch,
-    split_counters,
-)
+from robovqa_ft.evaluation.val_losses import loss_summary, sample_losses
+from robovqa_ft.training.collate import pad_batch, split_counters
+from robovqa_ft.training.model import attach_lora, load_model, load_processor, model_family
+from robovqa_ft.training.samples import JsonlDataset, SampleBuilder, assistant_spans, clip_order
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,10 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from robovqa_ft.loss import labelled_token_losses
-from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
-from robovqa_ft.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder, collator, split_counters
+from robovqa_ft.training.collate import collator, split_counters
+from robovqa_ft.training.loss import labelled_token_losses
+from robovqa_ft.training.model import attach_lora, load_model, load_processor, model_family
+from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder
 
 
 @pytest.fixture(scope="module")

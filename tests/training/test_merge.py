@@ -1,4 +1,4 @@
-"""The merged model (robovqa_ft/merge.py) on the tiny model: its logits are the adapter
+"""The merged model (robovqa_ft/tools/merge.py) on the tiny model: its logits are the adapter
 model's, it loads without peft, and its card states eval.json's figures."""
 
 import json
@@ -11,11 +11,13 @@ from peft import PeftModel
 from training_helpers import run_settings, train_tiny
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from robovqa_ft.evaluate import evaluate_run
-from robovqa_ft.merge import base_license, merge_run, model_card
-from robovqa_ft.model import load_model, load_processor, model_family
-from robovqa_ft.report import format_value
-from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch, split_counters
+from robovqa_ft.evaluation.evaluate import evaluate_run
+from robovqa_ft.evaluation.report import format_value
+from robovqa_ft.tools.merge import merge_run
+from robovqa_ft.tools.model_card import base_license, model_card
+from robovqa_ft.training.collate import pad_batch, split_counters
+from robovqa_ft.training.model import load_model, load_processor, model_family
+from robovqa_ft.training.samples import JsonlDataset, SampleBuilder
 
 # metadata.json as build_jsonl writes it, for the tiny setup's data
 METADATA = {
@@ -205,8 +207,8 @@ def test_an_eval_json_of_another_run_is_refused_before_any_model_loads(
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("robovqa_ft.model.load_model", never)
-    monkeypatch.setattr("robovqa_ft.model.load_processor", never)
+    monkeypatch.setattr("robovqa_ft.training.model.load_model", never)
+    monkeypatch.setattr("robovqa_ft.training.model.load_processor", never)
     other = tmp_path / "eval.json"
     other.write_text(json.dumps({**json.loads(merged["eval"].read_text()), "run": "stage2"}))
     with pytest.raises(ValueError, match="evaluation of run 'stage2', not of 'stage1'"):

@@ -8,8 +8,9 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-from robovqa_ft.loss import labelled_token_losses
-from robovqa_ft.model import (
+from robovqa_ft.training.collate import pad_batch, split_counters
+from robovqa_ft.training.loss import labelled_token_losses
+from robovqa_ft.training.model import (
     FAMILIES,
     LORA_TARGET_MODULES,
     attach_lora,
@@ -17,7 +18,7 @@ from robovqa_ft.model import (
     load_processor,
     model_family,
 )
-from robovqa_ft.samples import JsonlDataset, SampleBuilder, pad_batch, split_counters
+from robovqa_ft.training.samples import JsonlDataset, SampleBuilder
 
 
 def test_lora_is_never_on_the_vision_tower_or_projector(tiny_setup, tmp_path):

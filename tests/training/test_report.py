@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 import pytest
 
-from robovqa_ft.report import (
+from robovqa_ft.evaluation.report import (
     DEMO_NOTE,
     NOISE,
     format_change,

@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 from training_helpers import run_settings
 
-from robovqa_ft.model import resolved_revision
-from robovqa_ft.provenance import provenance
+from robovqa_ft.core.provenance import provenance
+from robovqa_ft.training.model import resolved_revision
 
 REPO = "test-org/tiny-internvl"
 OLD, NEW = "a" * 40, "b" * 40
@@ -44,8 +44,8 @@ SCRIPT = """
 import json, sys
 from pathlib import Path
 from training_helpers import run_settings
-from robovqa_ft.train import train_run
-from robovqa_ft.evaluate import evaluate_run
+from robovqa_ft.training.train import train_run
+from robovqa_ft.evaluation.evaluate import evaluate_run
 args = json.loads(sys.argv[1])
 setup, out = args["setup"], Path(args["out"])
 settings = run_settings(args["repo"], model_settings={"revision": args["revision"]}.items(),

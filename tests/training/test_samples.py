@@ -15,21 +15,18 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from robovqa_ft.model import FAMILIES, attach_lora, load_model, load_processor
-from robovqa_ft.random_model import IMAGENET_MEAN, IMAGENET_STD, build_tiny_internvl
-from robovqa_ft.samples import (
-    IGNORE_INDEX,
+from robovqa_ft.training.collate import (
     PREDICTING,
-    JsonlDataset,
-    SampleBuilder,
-    StepSampler,
     collator,
-    frame_indices,
     pack_batch,
     pad_batch,
     predicting_positions,
     split_counters,
 )
+from robovqa_ft.training.model import FAMILIES, attach_lora, load_model, load_processor
+from robovqa_ft.training.random_model import IMAGENET_MEAN, IMAGENET_STD, build_tiny_internvl
+from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder, frame_indices
+from robovqa_ft.training.steps import StepSampler
 
 FRAMES = 16
 TOKENS_PER_FRAME = 4  # tiny InternVL: 56 px tile -> 4 image tokens
@@ -424,7 +421,7 @@ def test_history_that_fits_decodes_no_frame_once_a_frames_tokens_are_known(
     def no_decoding(*args, **kwargs):
         raise AssertionError("a frame was opened")
 
-    monkeypatch.setattr("robovqa_ft.samples.Image.open", no_decoding)
+    monkeypatch.setattr("robovqa_ft.training.samples.Image.open", no_decoding)
     assert [learnt_here.history_that_fits(row, turn, b) for b in budgets] == kept
     assert [learnt_by_lengths.history_that_fits(row, turn, b) for b in budgets] == kept
     assert sorted(set(kept)) == [0, 1, 2, 3]

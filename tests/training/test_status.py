@@ -1,10 +1,11 @@
-"""The status command (robovqa_ft/status.py) on a finished, a running and a crashed run,
-from the files a training leaves (its heartbeat, from robovqa_ft/curves.py), without
+"""The status command (robovqa_ft/tools/status.py) on a finished, a running and a crashed run,
+from the files a training leaves (its heartbeat, from robovqa_ft/training/curves.py), without
 touching the checkpoint lock; and the training log's progress line."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,16 +18,19 @@ from pathlib import Path
 import pytest
 from training_helpers import csv_rows, run_settings
 
-from robovqa_ft.checkpoints import COMPLETE_MARKER, LOCK_FILE
-from robovqa_ft.status import (
+from robovqa_ft.core.logs import ATTEMPT_START, FORMAT, PACKAGE_LOGGER
+from robovqa_ft.core.runs import HEARTBEAT
+from robovqa_ft.tools.status import (
     FAILED,
     FINISHED,
-    HEARTBEAT,
     TRAINING,
+    last_attempt_error,
     run_status,
     status_report,
 )
-from robovqa_ft.train import train_run
+from robovqa_ft.training.checkpoints import COMPLETE_MARKER, LOCK_FILE
+from robovqa_ft.training.train import log as train_log
+from robovqa_ft.training.train import train_run
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = "stage1"
@@ -35,8 +39,8 @@ DRIVER = """
 import json, logging, sys
 sys.path.insert(0, {tests!r})
 from training_helpers import run_settings
-from robovqa_ft.logs import FORMAT
-from robovqa_ft.train import train_run
+from robovqa_ft.core.logs import FORMAT
+from robovqa_ft.training.train import train_run
 logging.basicConfig(level=logging.INFO, format=FORMAT)
 args = json.loads(sys.argv[1])
 train_run(**args["paths"], **run_settings(args["model"], **args["training"]))
@@ -119,14 +123,20 @@ def test_a_run_on_another_node_is_training_while_its_heartbeat_is_fresh(finished
     assert later.note.startswith("no heartbeat for 30m") and "from elsewhere" in later.note
 
 
-def test_a_failed_attempt_shows_the_error_its_job_log_ends_with(finished, tmp_path):
+# The logger that wrote "Training with": today's module, the one before the package had
+# subpackages (a log written then is read the same), and any later one.
+TRAINING_LOGGERS = ["robovqa_ft.training.train", "robovqa_ft.train", "robovqa_ft.somewhere.else"]
+
+
+@pytest.mark.parametrize("logger", TRAINING_LOGGERS)
+def test_a_failed_attempt_shows_the_error_its_job_log_ends_with(finished, tmp_path, logger):
     gone = subprocess.Popen(["true"])
     gone.wait()
     work = _as_if(finished, tmp_path, pid=gone.pid)
     job_log = work / "logs" / "train" / f"{RUN}.log"
     job_log.parent.mkdir(parents=True)
     job_log.write_text(
-        "2026-12-02 10:00:00,000 INFO robovqa_ft.train: Training with 1 processes; …\n"
+        f"2026-12-02 10:00:00,000 INFO {logger}: Training with 1 processes; …\n"
         "2026-12-02 10:05:00,000 ERROR robovqa_ft: CUDA out of memory (traceback in x.log)\n"
         "Traceback (most recent call last):\n"
     )
@@ -134,8 +144,27 @@ def test_a_failed_attempt_shows_the_error_its_job_log_ends_with(finished, tmp_pa
     assert (status.state, status.note) == (FAILED, "CUDA out of memory (traceback in x.log)")
     assert "stage1 failed: CUDA out of memory" in status_report(work)
     with job_log.open("a") as handle:  # a retry that started: no longer that error
-        handle.write("2026-12-02 10:06:00,000 INFO robovqa_ft.train: Training with 1 processes\n")
+        handle.write(f"2026-12-02 10:06:00,000 INFO {logger}: Training with 1 processes\n")
     assert "is gone" in run_status(work, RUN).note
+
+
+def test_the_attempt_line_is_the_one_training_logs(tmp_path):
+    """What status looks for is what the job writes, through the real log format: the
+    job's last words from the package's logger, the attempt's start from train_run's."""
+    job_log = tmp_path / "job.log"
+    handler = logging.FileHandler(job_log)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    package = logging.getLogger(PACKAGE_LOGGER)
+    package.addHandler(handler)
+    level, package.level = package.level, logging.INFO  # a job logs at INFO (log_to)
+    try:
+        package.error("CUDA out of memory")
+        assert last_attempt_error(job_log) == "CUDA out of memory"
+        train_log.info(ATTEMPT_START + "%d processes; base model %s at revision %s", 2, "m", "r")
+        assert last_attempt_error(job_log) is None
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
 
 
 def test_a_running_then_killed_training_is_training_then_failed(tiny_setup, tmp_path):
@@ -180,11 +209,11 @@ def _without_ages(report: str) -> list[str]:
 def test_the_status_command_reads_only_without_torch_or_the_lock(finished):
     checkpoints = finished / "results" / "checkpoints" / RUN
     os.unlink(checkpoints / LOCK_FILE)  # the trainer leaves it; the command never makes one
-    command = [sys.executable, "-m", "robovqa_ft.status", "--directory", str(finished)]
+    command = [sys.executable, "-m", "robovqa_ft.tools.status", "--directory", str(finished)]
     shown = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
     assert _without_ages(shown.stdout) == _without_ages(status_report(finished))
     assert not (checkpoints / LOCK_FILE).exists()
-    probe = "import sys, robovqa_ft.status; print('torch' in sys.modules)"
+    probe = "import sys, robovqa_ft.tools.status; print('torch' in sys.modules)"
     imports = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                              check=True, cwd=ROOT)  # fmt: skip
     assert imports.stdout.strip() == "False"

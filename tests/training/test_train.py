@@ -22,7 +22,10 @@ from training_helpers import (
 from training_helpers import train_tiny as run
 from transformers import InternVLForConditionalGeneration, Trainer, set_seed
 
-from robovqa_ft.checkpoints import (
+from robovqa_ft.evaluation.journal import Journal
+from robovqa_ft.evaluation.val_losses import loss_summary, sample_losses
+from robovqa_ft.training.callbacks import refuse_non_finite
+from robovqa_ft.training.checkpoints import (
     COMPLETE_MARKER,
     CheckpointLockedError,
     exclusive_lock,
@@ -32,23 +35,11 @@ from robovqa_ft.checkpoints import (
     rotate_checkpoints,
     set_aside_incomplete,
 )
-from robovqa_ft.evaluate import loss_summary, sample_losses
-from robovqa_ft.journal import Journal
-from robovqa_ft.model import attach_lora, load_model, load_processor, model_family
-from robovqa_ft.samples import (
-    IGNORE_INDEX,
-    JsonlDataset,
-    SampleBuilder,
-    collator,
-    split_counters,
-)
-from robovqa_ft.train import (
-    CurriculumTrainer,
-    MetricsLog,
-    refuse_non_finite,
-    train_run,
-    training_arguments,
-)
+from robovqa_ft.training.collate import collator, split_counters
+from robovqa_ft.training.metrics import MetricsLog
+from robovqa_ft.training.model import attach_lora, load_model, load_processor, model_family
+from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder
+from robovqa_ft.training.train import CurriculumTrainer, train_run, training_arguments
 
 DRIVER = """
 import json, logging, sys, time
@@ -56,7 +47,7 @@ import torch
 logging.basicConfig(level=logging.INFO)
 sys.path.insert(0, {tests!r})
 from training_helpers import run_settings
-from robovqa_ft.train import train_run
+from robovqa_ft.training.train import train_run
 args = json.loads(sys.argv[1])
 if args["slow_save"]:  # widen the window in which a kill lands mid-save
     save = torch.save
@@ -262,7 +253,7 @@ def test_unchanged_config_keeps_its_checkpoints(tmp_path):
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from robovqa_ft.checkpoints import exclusive_lock
+from robovqa_ft.training.checkpoints import exclusive_lock
 with exclusive_lock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(60)
@@ -352,8 +343,8 @@ def _two_logged_steps(tiny_setup, out: Path, trainer_class) -> list[tuple[float,
         model=model, args=dataclasses.replace(args, save_strategy="no", eval_strategy="no"),
         train_dataset=JsonlDataset(tiny_setup["stage2_train"], builder, limit=8),
         data_collator=collator("longest", processor.tokenizer.pad_token_id),
+        metrics=MetricsLog(out, 0, 0),
     )  # fmt: skip
-    trainer.metrics = MetricsLog(out, 0, 0)
     trainer.train()
     return [(row["loss"], row["grad_norm"]) for row in trainer.state.log_history if "loss" in row]
 
@@ -428,8 +419,8 @@ def test_a_training_micro_batch_never_waits_on_the_device(tiny_setup, tmp_path, 
     samples = list(JsonlDataset(tiny_setup["stage2_train"], builder, limit=2))
     settings = run_settings(tiny_setup["model"], stage={"batch_size": 2})
     args = training_arguments(tmp_path, settings["stage"], settings["training"], settings["model"])
-    trainer = CurriculumTrainer(model=model, args=dataclasses.replace(args, eval_strategy="no"))
-    trainer.metrics = MetricsLog(tmp_path, 0, 0)
+    trainer = CurriculumTrainer(model=model, args=dataclasses.replace(args, eval_strategy="no"),
+                                metrics=MetricsLog(tmp_path, 0, 0))  # fmt: skip
     collate = collator(padding, processor.tokenizer.pad_token_id)
     for batch in (collate(samples), collate([None, None])):  # and the stand-in of none fits
         batch = trainer._prepare_inputs(batch)
@@ -477,8 +468,8 @@ def test_the_periodic_val_loss_is_token_level_like_eval_json(tiny_setup, tmp_pat
     args = training_arguments(tmp_path, settings["stage"], settings["training"], settings["model"])
     pad = processor.tokenizer.pad_token_id
     trainer = CurriculumTrainer(model=model, args=args, eval_dataset=val,
-                                data_collator=collator("longest", pad))  # fmt: skip
-    trainer.metrics = MetricsLog(tmp_path, 0, len(val))
+                                data_collator=collator("longest", pad),
+                                metrics=MetricsLog(tmp_path, 0, len(val)))  # fmt: skip
     periodic = trainer.evaluate()
     trainer.data_collator = collator("packed", pad)  # packing changes no token's loss
     packed = trainer.evaluate()

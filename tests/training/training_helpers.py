@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from robovqa_ft.train import train_run
+from robovqa_ft.training.train import train_run
 
 
 def adapter_weights(adapter: Path) -> dict[str, torch.Tensor]:

@@ -10,10 +10,10 @@ import pytest
 from fake_records import SMALL_FRAME, good_record
 from test_frames import read_index, run_extract  # tests/data's extraction helpers
 
-from robovqa_ft.bucket import BucketError, local_shards, prepare_source, read_manifest
-from robovqa_ft.demo_bucket import bad_record, sequence_example, write_tfrecord
-from robovqa_ft.records import import_tensorflow
-from robovqa_ft.tfrecord import CorruptShardError, iter_tfrecord
+from robovqa_ft.data.bucket import BucketError, local_shards, prepare_source, read_manifest
+from robovqa_ft.data.demo_bucket import bad_record, sequence_example, write_tfrecord
+from robovqa_ft.data.records import import_tensorflow
+from robovqa_ft.data.tfrecord import CorruptShardError, iter_tfrecord
 
 
 def test_local_source_without_shards_is_a_clear_error(tmp_path):
@@ -30,7 +30,7 @@ def test_files_not_named_like_shards_are_ignored_with_a_warning(tmp_path, caplog
     for name in ("train/README.txt", "train/.DS_Store", "val/stats.json"):
         (source / name).write_text("{}")
     manifest = tmp_path / "shards.tsv"
-    with caplog.at_level(logging.WARNING, logger="robovqa_ft.bucket"):
+    with caplog.at_level(logging.WARNING, logger="robovqa_ft.data.bucket"):
         shards = prepare_source(str(source), manifest, tmp_path / "dl", workers=1, demo={})
     assert [s.shard for s in read_manifest(manifest)] == [s.shard for s in shards]
     assert [s.shard for s in shards] == ["train-0", "val-0"]

@@ -22,11 +22,11 @@ from fake_records import good_record
 from PIL import Image
 from test_gcs_emulator import PATIENCE, SOURCE, Emulator
 
-from robovqa_ft import space
-from robovqa_ft.bucket import download_gcs
-from robovqa_ft.frames import OWNER_FILE, extract_shard
-from robovqa_ft.jsonl import build_jsonl, jsonl_paths
-from robovqa_ft.space import DiskFullError
+from robovqa_ft.core import space
+from robovqa_ft.core.space import DiskFullError
+from robovqa_ft.data.bucket import download_gcs
+from robovqa_ft.data.frames import OWNER_FILE, extract_shard
+from robovqa_ft.data.jsonl import build_jsonl, jsonl_paths
 
 
 class Disk:
@@ -326,8 +326,8 @@ def test_a_full_disk_while_writing_the_curriculum_leaves_no_file_under_a_final_n
 
 LOG_ON_A_FULL_DISK = """
 import builtins, errno, os, sys
-from robovqa_ft import logs
-from robovqa_ft.space import named_if_full
+from robovqa_ft.core import logs
+from robovqa_ft.core.space import named_if_full
 
 full = False
 
@@ -357,6 +357,8 @@ def test_a_full_disk_under_the_log_too_still_reports_the_jobs_own_error(tmp_path
     assert result.returncode == 1
     expected = f"while writing the frames of shard s to {staging}"
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("robovqa_ft.space.DiskFullError: no space left") and expected in last
+    assert (
+        last.startswith("robovqa_ft.core.space.DiskFullError: no space left") and expected in last
+    )
     assert "ERROR robovqa_ft: no space left on" in result.stderr  # shown on the terminal
     assert "extracting" in log.read_text()  # what fitted stays in the log

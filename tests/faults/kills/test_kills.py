@@ -213,7 +213,7 @@ def gcs(tmp_path_factory):
     """The small bucket (tests/data/configs/small.yaml's demo settings) in a GCS emulator."""
     from test_gcs_emulator import Emulator
 
-    from robovqa_ft.demo_bucket import generate_demo_bucket
+    from robovqa_ft.data.demo_bucket import generate_demo_bucket
 
     settings = yaml.safe_load((ROOT / "tests" / "data" / "configs" / "small.yaml").read_text())
     demo = settings["demo"]

@@ -9,17 +9,21 @@ import shutil
 import pytest
 from training_helpers import csv_rows, run_settings, train_tiny
 
-from robovqa_ft import evaluate, train
-from robovqa_ft.checkpoints import COMPLETE_MARKER, FINGERPRINT_FILE, prepare_checkpoint_dir
-from robovqa_ft.evaluate import evaluate_run
-from robovqa_ft.model import (
+from robovqa_ft.evaluation import evaluate, train
+from robovqa_ft.evaluation.evaluate import evaluate_run
+from robovqa_ft.training.checkpoints import (
+    COMPLETE_MARKER,
+    FINGERPRINT_FILE,
+    prepare_checkpoint_dir,
+)
+from robovqa_ft.training.model import (
     attach_lora,
     check_adapter,
     load_model,
     load_processor,
     model_family,
 )
-from robovqa_ft.samples import JsonlDataset, SampleBuilder
+from robovqa_ft.training.samples import JsonlDataset, SampleBuilder
 
 
 def test_a_hand_edited_line_is_named_by_file_and_line(tiny_setup, tmp_path):
@@ -51,13 +55,13 @@ def test_changed_config_moves_old_checkpoints_aside_instead_of_resuming(
 ):
     train_tiny(tiny_setup, tmp_path, max_steps=2)
     shutil.rmtree(tmp_path / "adapter")
-    with caplog.at_level(logging.WARNING, logger="robovqa_ft.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="robovqa_ft.training.checkpoints"):
         train_tiny(tiny_setup, tmp_path, max_steps=2, stage={"learning_rate": 1e-3})
     checkpoints = tmp_path / "checkpoints"
     (stale,) = checkpoints.glob("stale-*")
     assert (stale / "checkpoint-2" / COMPLETE_MARKER).exists()  # kept whole, not resumed
     assert (stale / FINGERPRINT_FILE).read_text() != (checkpoints / FINGERPRINT_FILE).read_text()
-    moved = [r.getMessage() for r in caplog.records if r.name == "robovqa_ft.checkpoints"]
+    moved = [r.getMessage() for r in caplog.records if r.name == "robovqa_ft.training.checkpoints"]
     assert moved == [
         f"configuration or data changed since the checkpoints in {checkpoints} were written: "
         f"moved 1 to {stale}, and this run starts from step 0. Delete that folder when you "

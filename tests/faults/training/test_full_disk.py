@@ -22,16 +22,15 @@ import torch
 from training_helpers import adapter_weights, csv_rows, max_difference
 from training_helpers import train_tiny as run
 
-from robovqa_ft.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
-from robovqa_ft.model import attach_lora, load_model
-from robovqa_ft.space import (
-    DiskFullError,
-    disk_full,
-    is_disk_full,
-    size_text,
+from robovqa_ft.core.space import DiskFullError, disk_full, is_disk_full, size_text
+from robovqa_ft.training.checkpoints import (
+    COMPLETE_MARKER,
+    latest_complete_checkpoint,
     training_bytes,
 )
-from robovqa_ft.train import MetricsLog, _also_logged_to, _append
+from robovqa_ft.training.metrics import MetricsLog, _append
+from robovqa_ft.training.model import attach_lora, load_model
+from robovqa_ft.training.train import _also_logged_to
 
 # One epoch of 6 steps, as a real run ends (on the epoch, not on a max_steps within it,
 # from which a resumed Trainer takes one step more before it stops); checkpoints at

@@ -1,5 +1,5 @@
-"""The memory guard (`robovqa_ft.memory`): a run near `model.max_memory_gb` saves and stops,
-one over it stops without saving. Runs on the CPU: whole trainings measure the host's
+"""The memory guard (`robovqa_ft.training.memory`): a run near `model.max_memory_gb` saves and
+stops, one over it stops without saving. Runs on the CPU: whole trainings measure the host's
 resident memory; the GPU readings are driven by a stand-in for torch's CUDA allocator."""
 
 import logging
@@ -11,10 +11,10 @@ import torch
 from training_helpers import csv_rows, train_tiny
 from transformers import TrainerControl, TrainerState
 
-from robovqa_ft import memory
-from robovqa_ft.checkpoints import COMPLETE_MARKER
-from robovqa_ft.memory import GB, MemoryGuard, Reading, host_memory_gb
-from robovqa_ft.train import MetricsLog
+from robovqa_ft.training import memory
+from robovqa_ft.training.checkpoints import COMPLETE_MARKER
+from robovqa_ft.training.memory import GB, MemoryGuard, Reading, host_memory_gb
+from robovqa_ft.training.metrics import MetricsLog
 
 STAGE = {"batch_size": 4, "grad_accum": 2, "max_frames": 4, "max_seq_len": 512}
 
@@ -58,7 +58,7 @@ def test_a_run_near_the_limit_saves_stops_non_zero_and_resumes_with_a_higher_one
 
     # Snakemake's retry (train has `retries: 2`), or the same command, at the same limit
     # would take the step the guard stopped before: refused before anything loads.
-    monkeypatch.setattr("robovqa_ft.train.load_model", _must_not_load)
+    monkeypatch.setattr("robovqa_ft.training.train.load_model", _must_not_load)
     with pytest.raises(SystemExit) as again:
         train_tiny(tiny_setup, tmp_path, model_settings=limit, max_steps=8, save_steps=2)
     assert str(again.value.code).startswith(f"the memory guard stopped the last attempt: {message}")
@@ -142,7 +142,7 @@ def test_without_a_limit_nothing_is_measured_and_that_is_logged_once(caplog):
     def measure():
         raise AssertionError("measured with no limit")
 
-    with caplog.at_level(logging.INFO, logger="robovqa_ft.memory"):
+    with caplog.at_level(logging.INFO, logger="robovqa_ft.training.memory"):
         guard = MemoryGuard({"max_memory_gb": None}, STAGE, "unused",
                             reading=Reading("memory", measure))  # fmt: skip
         state, control = TrainerState(max_steps=3, global_step=1), TrainerControl()

@@ -1,0 +1,330 @@
+"""Executed FLOPs of one InternVL3-8B LoRA optimizer step, per module group, beside the
+model-FLOPs formula of `train_step.py` (its `model_flops`).
+
+torch's `FlopCounterMode` counts what one micro-batch of each stage's mean length executes
+in `CurriculumTrainer.training_step` (forward, loss, backward: the training code's own
+path), with the model loaded through `load_model` and `attach_lora` (LoRA r 128) at the
+full InternVL3-8B width and vocabulary, but with two language-model layers and one vision
+layer: the meta device cannot run InternVL's data-dependent image-token placement, and a
+full 8B step is hours on two cores. Two layers, because the first one differs: its input
+(the embeddings) needs no gradient. Counts scale to the real depth (the first layer once,
+the second for each of the other 27; the vision layer 24 times) and by the micro-batches
+of one optimizer step (config.yaml's grad_accum).
+
+Groups: vision tower, projector, language model (its frozen matmuls and attention), LoRA
+(lora_A, lora_B), head, other (outside them all). Backward FLOPs belong to the group whose
+forward made the autograd node that runs them; FLOPs of forwards re-run inside the
+backward (gradient checkpointing's recomputation) are their own line, `recompute`.
+
+Attention: torch has no formula for the CPU flash kernel; the one given here counts what
+the kernel needs, which for causal attention (`is_causal`, no mask) is the T(T+1)/2
+query-key pairs it computes (torch's GPU formulas count the full square).
+
+The model computes in config.yaml's dtype (bfloat16; FLOPs do not depend on it, and this
+CPU runs bfloat16 matmuls five times faster than float32).
+
+Run: `python bench/flops.py` (part of `make bench`; about 4 minutes and 11 GB of
+memory on 2 cores; writes a 3 GB random model to a temporary folder, or to `--workdir` to
+keep it); `--tiny` for the tiny architecture in float32 (seconds; `make test` runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import transformers
+from synthetic import CONFIG, STAGES, stage_dataset, write_clips
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from train_step import LORA, model_flops
+
+from robovqa_ft.training import random_model
+from robovqa_ft.training.collate import collator
+from robovqa_ft.training.metrics import MetricsLog
+from robovqa_ft.training.model import attach_lora, load_model, load_processor
+from robovqa_ft.training.random_model import (
+    build_random_internvl,
+    conversation_texts,
+    internvl_config,
+)
+from robovqa_ft.training.samples import IGNORE_INDEX
+from robovqa_ft.training.train import CurriculumTrainer, training_arguments
+
+GROUPS = ("vision", "projector", "language model", "LoRA", "head", "other")
+PHASES = ("forward", "backward", "recompute")
+TEXT_LAYERS, VISION_LAYERS = 2, 1  # built and measured
+OTHER = ("other", 1.0)
+GROUP_KEY = "flops_group"  # in an autograd node's metadata: the group whose forward made it
+CHECKPOINTING = {False: "gc off", True: "gc on"}
+TRAINING = {"max_steps": 1, "logging_steps": 1, "eval_steps": 1, "save_steps": 1,
+            "save_total_limit": 1, "seed": 0, "dataloader_workers": 0,
+            "hang_timeout_minutes": 30}  # fmt: skip
+
+
+def measured_architecture(name: str) -> str:
+    """Registers `name` with TEXT_LAYERS text and VISION_LAYERS vision layers; returns its
+    name for `build_random_internvl`."""
+    arch = random_model.ARCHITECTURES[name]
+    random_model.ARCHITECTURES[f"{name}-measured"] = {
+        **arch,
+        "text_config": {**arch["text_config"], "num_hidden_layers": TEXT_LAYERS},
+        "vision_config": {**arch["vision_config"], "num_hidden_layers": VISION_LAYERS},
+    }
+    return f"{name}-measured"
+
+
+def module_groups(model, text_layers: int, vision_layers: int) -> dict:
+    """Each module of a group: (group, how many times the real model runs it per run here)."""
+    groups = {}
+    for name, module in model.named_modules():
+        if re.search(r"\.lora_[AB]\b", name):
+            group = "LoRA"
+        elif "vision_tower" in name:
+            group = "vision"
+        elif "multi_modal_projector" in name:
+            group = "projector"
+        elif "lm_head" in name:
+            group = "head"
+        elif "language_model" in name:
+            group = "language model"
+        else:
+            continue
+        scale = 1.0
+        if layer := re.search(r"language_model\.layers\.(\d+)\b", name):
+            scale = 1.0 if layer[1] == "0" else (text_layers - 1) / (TEXT_LAYERS - 1)
+        elif re.search(r"vision_tower\.encoder\.layer\.\d+\b", name):
+            scale = vision_layers / VISION_LAYERS
+        groups[module] = (group, scale)
+    return groups
+
+
+def _causal_share(query_shape, key_shape, is_causal: bool) -> float:
+    """Share of the query-key pairs that causal attention computes (top-left aligned)."""
+    s_q, s_k = query_shape[-2], key_shape[-2]
+    return sum(min(i + 1, s_k) for i in range(s_q)) / (s_q * s_k) if is_causal else 1.0
+
+
+def cpu_attention_flops(q, k, v, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kw):
+    return round(sdpa_flop_count(q, k, v) * _causal_share(q, k, is_causal))
+
+
+def cpu_attention_backward_flops(
+    grad_out, q, k, v, out, logsumexp, dropout_p=0.0, is_causal=False, *a, out_shape=None, **kw
+):
+    return round(sdpa_backward_flop_count(grad_out, q, k, v) * _causal_share(q, k, is_causal))
+
+
+CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+        cpu_attention_backward_flops
+    ),
+}
+
+
+class _TagNodes(TorchFunctionMode):
+    """Tags each autograd node a forward makes with the group running."""
+
+    def __init__(self, tracker: GroupTracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch._C._current_graph_task_id() == -1:  # not a recomputation in backward
+            where = self.tracker.running[-1] if self.tracker.running else OTHER
+            outputs = out if isinstance(out, tuple | list) else (out,)
+            nodes = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor)]
+            while nodes:  # this call's new nodes: back to those tagged before
+                node = nodes.pop()
+                if node is not None and GROUP_KEY not in node.metadata:
+                    node.metadata[GROUP_KEY] = where
+                    nodes += [n for n, _ in node.next_functions]
+        return out
+
+
+class GroupTracker:
+    """Stands in for `FlopCounterMode`'s module tracker, whose backward attribution relies
+    on gradient hooks that frozen modules never fire (it then charges later backward ops
+    to every module still open). Its `parents` name the group and phase of the op running:
+    in forward, the innermost group module running; in backward, the group whose forward
+    made the autograd node running; a module forward inside backward is a recomputation.
+    It reads torch internals (`torch._C._current_graph_task_id`, `_current_autograd_node`,
+    the counter's `mod_tracker`) as torch 2.14 has them: another torch may need changes."""
+
+    def __init__(self, groups: dict):
+        self.groups, self.running = groups, []
+
+    @property
+    def parents(self) -> set[str]:
+        if torch._C._current_graph_task_id() == -1:
+            phase, where = "forward", self.running[-1] if self.running else OTHER
+        elif self.running:
+            phase, where = "recompute", self.running[-1]
+        else:
+            node = torch._C._current_autograd_node()
+            phase, where = "backward", node.metadata.get(GROUP_KEY, OTHER) if node else OTHER
+        return {"Global", f"{where[0]}|{phase}|{where[1]}"}
+
+    def _enter(self, module, args) -> None:
+        if module in self.groups:
+            self.running.append(self.groups[module])
+
+    def _leave(self, module, args, output) -> None:
+        # always called, also when checkpointing stops a recomputation early by raising
+        if module in self.groups:
+            self.running.pop()
+
+    def __enter__(self):
+        self.hooks = [
+            torch.nn.modules.module.register_module_forward_pre_hook(self._enter),
+            torch.nn.modules.module.register_module_forward_hook(self._leave, always_call=True),
+        ]
+        self.tagging = _TagNodes(self)
+        self.tagging.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.tagging.__exit__(None, None, None)
+        for hook in self.hooks:
+            hook.remove()
+
+
+def count_step(model, trainer, batch, groups: dict) -> dict[tuple[str, str], float]:
+    """FLOPs per (group, phase) of one micro-batch's training step, at the real depth."""
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+    counter.mod_tracker = GroupTracker(groups)  # see GroupTracker
+    labelled = (batch["labels"] != IGNORE_INDEX).sum()
+    with counter:
+        trainer.training_step(model, batch, num_items_in_batch=labelled)
+    model.zero_grad(set_to_none=True)
+    flops = defaultdict(float)
+    for key, ops in counter.get_flop_counts().items():
+        if key != "Global":
+            group, phase, scale = key.split("|")
+            flops[group, phase] += sum(ops.values()) * float(scale)
+    return flops
+
+
+def mean_length_batch(dataset, micro_batch: int) -> list[dict]:
+    """`micro_batch` samples of the length nearest the stage's mean (equal lengths where
+    there are: no padding)."""
+    lengths = dataset.token_lengths()
+    mean = statistics.mean(lengths)
+    shared = [n for n in set(lengths) if lengths.count(n) >= micro_batch] or lengths
+    nearest = min(shared, key=lambda n: (abs(n - mean), n))
+    order = sorted(range(len(lengths)), key=lambda i: (abs(lengths[i] - nearest), i))
+    return [dataset[i] for i in order[:micro_batch]]
+
+
+def measure(model_dir: Path, batches: dict, full, args, out: Path) -> dict:
+    """(stage, checkpointing) -> (FLOPs per (group, phase) of one optimizer step, the
+    formula's model FLOPs of that step); `batches`: stage -> (micro-batch, its lengths)."""
+    text_layers = full.text_config.num_hidden_layers
+    results = {}
+    for checkpointing in (False, True):
+        model = load_model(model_dir, "none", args.dtype, "sdpa", checkpointing)
+        model = attach_lora(model, **LORA)
+        groups = module_groups(model, text_layers, full.vision_config.num_hidden_layers)
+        lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        for stage, (batch, lengths) in batches.items():
+            settings = CONFIG[stage]
+            targs = training_arguments(out, settings, TRAINING, {"dtype": args.dtype})
+            targs = dataclasses.replace(targs, eval_strategy="no", save_strategy="no")
+            trainer = CurriculumTrainer(model=model, args=targs, metrics=MetricsLog(out, 0, 0))
+            per_step = settings["grad_accum"]  # micro-batches of one optimizer step
+            flops = count_step(model, trainer, batch, groups)
+            formula = model_flops(
+                full, lengths * per_step,
+                int((batch["labels"] != IGNORE_INDEX).sum()) * per_step,
+                len(batch["pixel_values"]) * per_step,
+                lora_params * text_layers // TEXT_LAYERS,  # LoRA sits in every layer alike
+            )  # fmt: skip
+            step = defaultdict(float, {key: value * per_step for key, value in flops.items()})
+            results[stage, checkpointing] = step, formula
+            del trainer
+        del model
+    return results
+
+
+def print_tables(results: dict) -> None:
+    print("stage | checkpointing | " + " | ".join(GROUPS) +
+          " | recompute | executed | model | executed/model")  # fmt: skip
+    for (stage, checkpointing), (flops, formula) in results.items():
+        by_group = [flops[g, "forward"] + flops[g, "backward"] for g in GROUPS]
+        recompute = sum(flops[g, "recompute"] for g in GROUPS)
+        executed = sum(by_group) + recompute
+        cells = [f"{x / 1e12:.4g}" for x in [*by_group, recompute, executed, formula]]
+        print(" | ".join([stage, CHECKPOINTING[checkpointing], *cells,
+                          f"{executed / formula:.3f}"]))  # fmt: skip
+    print("stage | checkpointing | group | " + " | ".join(PHASES))
+    for (stage, checkpointing), (flops, _) in results.items():
+        for group in GROUPS:
+            cells = [f"{flops[group, p] / 1e12:.4g}" for p in PHASES]
+            print(" | ".join([stage, CHECKPOINTING[checkpointing], group, *cells]))
+
+
+def run(args, workdir: Path) -> None:
+    architecture = "tiny" if args.tiny else "internvl3-8b"
+    paths = write_clips(workdir / "clips", args.clips, seed=0, shared_frames=True)
+    model_dir = workdir / f"model-{architecture}-measured-{args.dtype}"
+    if not model_dir.exists():
+        build_random_internvl(
+            model_dir, conversation_texts([paths["stage2"]]), measured_architecture(architecture),
+            vocab_size=8000, dtype=getattr(torch, args.dtype),
+        )  # fmt: skip
+    processor = load_processor(model_dir)
+    full = internvl_config(architecture, processor)  # the real depth, for scale and formula
+    pad = collator(CONFIG["training"]["padding"], processor.tokenizer.pad_token_id)
+    print(f"# {time.strftime('%Y-%m-%d')}, CPU ({platform.machine()}, "
+          f"{torch.get_num_threads()} threads), torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, {architecture} width with {TEXT_LAYERS} text and "
+          f"{VISION_LAYERS} vision layers scaled to {full.text_config.num_hidden_layers} and "
+          f"{full.vision_config.num_hidden_layers}, {args.dtype}, TFLOP per optimizer "
+          f"step")  # fmt: skip
+    batches = {}
+    for stage in args.stages:
+        samples = mean_length_batch(stage_dataset(processor, paths, stage),
+                                    CONFIG[stage]["batch_size"])  # fmt: skip
+        batches[stage] = pad(samples), [len(s["input_ids"]) for s in samples]
+        labelled = [int((s["labels"] != IGNORE_INDEX).sum()) for s in samples]
+        print(f"# {stage}: micro-batches of {len(samples)} samples of "
+              f"{', '.join(str(len(s['input_ids'])) for s in samples)} tokens "
+              f"({', '.join(map(str, labelled))} labelled), {len(samples[0]['pixel_values'])} "
+              f"tiles each, {CONFIG[stage]['grad_accum']} a step")  # fmt: skip
+    print_tables(measure(model_dir, batches, full, args, workdir / "out"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, help="keeps the random model between runs")
+    parser.add_argument("--clips", type=int, default=400, help="synthetic clips for the mean")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--dtype", default=CONFIG["model"]["dtype"])
+    parser.add_argument("--tiny", action="store_true", help="tiny model, float32 (tests)")
+    args = parser.parse_args()
+    if args.tiny:
+        args.dtype, args.clips = "float32", 40
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    if args.workdir:
+        run(args, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="flops-") as tmp:  # the model is 3 GB
+            run(args, Path(tmp))
+    print(f"# {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

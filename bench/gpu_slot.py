@@ -1,0 +1,349 @@
+"""The training-step benchmark (bench/train_step.py) as one command that fits a short
+GPU slot: 15 minutes of device time in all, the machine's start included.
+
+The slot's machine has its own python3 (3.12, torch 2.11, transformers 5.17, no
+bitsandbytes, no package registry) and takes at most 64 MiB of files with a command. The
+project's pins that it lacks travel as wheels in .whl/ (`make gpu-wheels`) and are
+installed ahead of its own packages; the project runs from the working tree. The command,
+for the device tool's `run` with carry [".whl"] and timeout_s 420:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 bench/gpu_slot.py --out $OUT --budget-seconds 300
+
+What it does, each line appended to OUT/gpu_slot.md as it completes, and printed (the
+traceback of any failure to OUT/gpu_slot_errors.txt):
+  1. a header: date, device, Python, and each package's version and where it came from;
+  2. a smoke run: every setup below on the tiny InternVL (seconds on a GPU); a setup that
+     fails here is left out of the full-size run, so a broken path costs no 8B time;
+  3. InternVL3-8B, the setups in `flop_order` (the seed's and bf16 LoRA, then the fewest
+     counted executed FLOPs first; packing only with flash-attention 2), each built in memory on the GPU in bf16 with random weights (no 16 GB
+     save and load; nf4 quantized where it sits, as `from_pretrained` would), prepared
+     by the project's `prepare_model` and `attach_lora`; one warm-up and one timed step
+     of 32 samples per stage;
+  4. the default it points to: the fewest seconds for a stage-1 plus a stage-2 step among
+     the setups whose peak memory stays within 60 GB, so that it fits an 80 GB card.
+
+The budget counts from the script's start: a setup starts only if the time left covers
+the one before it, a running one ends once the time left would not cover another step as
+long as its last, and a last line names what was not run; the exit status is 0. Rehearsed on a CPU with `--tiny`
+(tiny model, float32): `make rehearse-gpu-slot`.
+"""  # noqa: E501 - the command above is one line, to be passed as it is
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from synthetic import STAGES, processor_for, write_clips
+from train_step import (
+    COLUMNS,
+    LORA,
+    Setup,
+    device_peak,
+    encode,
+    free_memory,
+    lora_parameters,
+    setups,
+    stage_lines,
+    step_flops,
+)
+from transformers import InternVLForConditionalGeneration
+from transformers.quantizers import AutoHfQuantizer
+from transformers.utils import is_flash_attn_2_available
+
+from robovqa_ft.training.model import FAMILIES, attach_lora, nf4_config, prepare_model
+from robovqa_ft.training.random_model import ARCHITECTURES, internvl_config
+
+# train_step's setups, by number: the seed's (1) and bf16 LoRA (3) first, the baselines
+# every other is compared with; the rest in `flop_order`.
+BASELINES = (1, 3)
+DEFAULT_PEAK_GB = 60.0  # the default must fit an 80 GB card
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "huggingface_hub",
+            "safetensors", "bitsandbytes")  # fmt: skip
+
+
+def slot_setups(flash: bool, only: list[int] | None = None) -> list[tuple[int, Setup]]:
+    """(number, setup) of train_step's setups, or of `only`'s, in that order."""
+    chosen = setups(flash)
+    return [(number, chosen[number - 1]) for number in only or range(1, len(chosen) + 1)]
+
+
+def flop_order(
+    chosen: list[tuple[int, Setup]], config, samples: dict[str, list[dict]], per_step: int
+) -> tuple[list[tuple[tuple[int, Setup], float]], list[tuple[tuple[int, Setup], float]]]:
+    """(the setups to run, those left out), each with its counted executed FLOPs of a
+    stage-1 plus a stage-2 step (train_step.executed_flops): the baselines first, then the
+    fewest FLOPs first. Packing runs only with flash-attention 2, whose varlen kernel
+    attends within each sample: under SDPA a packed micro-batch is one row with a dense
+    block mask over all its samples (at stage 2, micro-batch 8, ~6x the attention of
+    padding to the longest), the slowest way to spend the slot."""
+    lora = lora_parameters(config, LORA["r"])
+    counted = {
+        number: sum(step_flops(config, setup, samples[stage], per_step, lora)[1]
+                    for stage in samples)
+        for number, setup in chosen
+    }  # fmt: skip
+
+    def rank(numbered: tuple[int, Setup]) -> tuple[int, float]:
+        number = numbered[0]
+        return (0, BASELINES.index(number)) if number in BASELINES else (1, counted[number])
+
+    ordered = [((n, s), counted[n]) for n, s in sorted(chosen, key=rank)]
+    dense = [o for o in ordered if o[0][1].padding == "packed" and o[0][1].attention == "sdpa"]
+    return [o for o in ordered if o not in dense], dense
+
+
+def versions() -> str:
+    """Python and each package: its version and the folder it was imported from."""
+    parts = [f"python {platform.python_version()} ({sys.executable})"]
+    for name in PACKAGES:
+        try:
+            module = importlib.import_module(name)
+        except Exception as error:  # noqa: BLE001 - an absent package is a finding
+            parts.append(f"{name} absent ({type(error).__name__})")
+            continue
+        parts.append(f"{name} {module.__version__} ({Path(module.__file__).parents[1]})")
+    return ", ".join(parts)
+
+
+def keep_traceback(out: Path, what: str) -> None:
+    """Beside the report, in gpu_slot_errors.txt: the slot's machine is gone afterwards."""
+    with (out / "gpu_slot_errors.txt").open("a", encoding="utf-8") as errors:
+        errors.write(f"{what}\n{traceback.format_exc()}\n")
+
+
+def quantize_nf4(model, dtype: torch.dtype) -> None:
+    """What `from_pretrained` does under load_model's nf4 settings, to weights already in
+    memory: transformers' bitsandbytes quantizer swaps the linear layers for 4-bit ones,
+    and each keeps its weight, quantized as it is moved to its device."""
+    import bitsandbytes as bnb
+
+    quantizer = AutoHfQuantizer.from_config(nf4_config(FAMILIES["internvl"], dtype))
+    weights = dict(model.named_parameters())
+    device = next(iter(weights.values())).device
+    quantizer.preprocess_model(model, device_map={"": device})
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = weights.pop(f"{name}.weight").data
+            module.weight = bnb.nn.Params4bit(
+                weight, requires_grad=False, **module.weight.__dict__
+            ).to(device)
+            if module.bias is not None:
+                bias = weights.pop(f"{name}.bias").data
+                module.bias = torch.nn.Parameter(bias, requires_grad=False)
+    del weights
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+
+
+def build_model(config, setup: Setup, dtype: torch.dtype, device: str):
+    """A random InternVL of `config` made on `device`, prepared as `load_model` prepares a
+    loaded one, with the run's LoRA."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = InternVLForConditionalGeneration._from_config(
+            copy.deepcopy(config), dtype=dtype, attn_implementation=setup.attention
+        )
+    if setup.quantization == "nf4":
+        quantize_nf4(model, dtype)
+    model = prepare_model(model, setup.quantization, setup.gradient_checkpointing)
+    return attach_lora(model, **LORA)
+
+
+def run_phase(
+    title: str,
+    chosen: list[tuple[int, Setup]],
+    architecture: str,
+    paths: dict,
+    args,
+    settings: argparse.Namespace,
+    deadline: float,
+    emit: Callable[[str], None],
+    first_estimate: float = 0.0,
+) -> tuple[dict[int, dict], list[tuple[int, Setup]]]:
+    """Each setup of `chosen` while the budget covers it: ({number: {stage: figures}}, the
+    setups not run). The first starts only if `first_estimate` seconds are left."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, settings.dtype)
+    processor = processor_for(paths, ARCHITECTURES[architecture]["image_size"])
+    config = internvl_config(architecture, processor)
+    count = settings.samples_per_step * (1 + settings.steps)
+    samples = {stage: encode(paths, processor, stage, count) for stage in settings.stages}
+    _, peak = device_peak(args)
+    emit(f"## {title}: {architecture}, {settings.dtype}, built on {device}, "
+         f"{settings.samples_per_step} samples a step, {settings.steps} timed")  # fmt: skip
+    ordered, dense = flop_order(chosen, config, samples, settings.samples_per_step)
+    if not args.only:  # a stated order and choice are kept
+        chosen = [setup for setup, _ in ordered]
+        if dense:
+            emit(
+                "left out, packed under SDPA (a dense block mask over the whole row): "
+                + "; ".join(f"setup {n} {flops / 1e12:.3g} TFLOP" for (n, _), flops in dense)
+            )
+    counts = "; ".join(f"setup {n} {flops / 1e12:.3g}" for (n, _), flops in ordered)
+    emit(f"order (baselines, then by counted executed TFLOP of a stage-1 + stage-2 step): "
+         f"{counts}")  # fmt: skip
+    emit(COLUMNS)
+    results: dict[int, dict] = {}
+    estimate = first_estimate  # then the setup before's seconds
+    for index, (number, setup) in enumerate(chosen):
+        if deadline - time.monotonic() < estimate:
+            return results, chosen[index:]
+        start = time.monotonic()
+        label = setup.label(settings.dtype)
+        try:
+            model = build_model(config, setup, dtype, device)
+        except Exception as error:  # noqa: BLE001 - a setup that cannot be built is a result
+            emit(f"all | {label} | cannot build: {type(error).__name__}: {error}")
+            keep_traceback(args.out, f"{title}, setup {number}: cannot build")
+            free_memory()
+            continue
+        built = time.monotonic() - start
+        figures = {}
+        try:
+            out = args.workdir / "trainer"
+            for stage, r, line in stage_lines(setup, model, processor, samples, settings, out,
+                                              peak, deadline):  # fmt: skip
+                emit(line)
+                figures[stage] = r
+        except Exception as error:  # noqa: BLE001 - a setup that fails is a result
+            emit(f"all | {label} | failed: {type(error).__name__}: {error}")
+            keep_traceback(args.out, f"{title}, setup {number}: failed")
+        del model
+        free_memory()
+        if figures:
+            results[number] = figures
+        estimate = time.monotonic() - start
+        emit(f"# setup {number}: {estimate:.0f} s ({built:.0f} s to build); "
+             f"{deadline - time.monotonic():.0f} s of the budget left")  # fmt: skip
+    return results, []
+
+
+def default_line(results: dict[int, dict], chosen: list[tuple[int, Setup]], dtype: str) -> str:
+    """The fastest stage-1 plus stage-2 step among the setups within `DEFAULT_PEAK_GB`."""
+    labels = dict(chosen)
+    whole = {n: f for n, f in results.items() if all(f.get(s) for s in STAGES)}
+    if not whole:
+        return "default: none, no setup measured both stages"
+    peaks = {n: max(f[s]["peak_gb"] or 0.0 for s in STAGES) for n, f in whole.items()}
+    measured = all(f[s]["peak_gb"] is not None for f in whole.values() for s in STAGES)
+    fits = {n: f for n, f in whole.items() if peaks[n] <= DEFAULT_PEAK_GB}
+    if not fits:
+        return f"default: none, every setup measured peaks above {DEFAULT_PEAK_GB:.0f} GB"
+    seconds = {n: sum(f[s]["seconds"] for s in STAGES) for n, f in fits.items()}
+    best = min(seconds, key=seconds.get)
+    memory = f"peak {peaks[best]:.1f} GB" if measured else "peak memory not measured on a CPU"
+    return (f"default: setup {best}, {labels[best].label(dtype)}: stage 1 + stage 2 = "
+            f"{seconds[best]:.2f} s a step, {memory} (the fastest of {len(fits)} within "
+            f"{DEFAULT_PEAK_GB:.0f} GB)")  # fmt: skip
+
+
+def names(chosen: list[tuple[int, Setup]], dtype: str) -> str:
+    return "; ".join(f"setup {n} ({s.label(dtype)})" for n, s in chosen) or "none"
+
+
+def main() -> None:
+    started = time.monotonic()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_slot")),
+                        help="folder for gpu_slot.md ($OUT where set)")  # fmt: skip
+    parser.add_argument("--budget-seconds", type=float, default=300)
+    parser.add_argument("--workdir", type=Path, help="for the clips (by default a temporary one)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak")
+    parser.add_argument("--only", type=int, nargs="+", help="these setups (train_step's numbers)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model in float32 (CPU)")
+    parser.add_argument("--counted-order", action="store_true",
+                        help="print the full-size order and FLOP counts only")  # fmt: skip
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="gpu_slot-") as scratch:
+        args.workdir = args.workdir or Path(scratch)
+        if args.counted_order:
+            print_counted_order(args)
+        else:
+            run_slot(args, started)
+
+
+def print_counted_order(args) -> None:
+    """The full-size run's order, with and without flash-attention 2, from the FLOP count
+    alone: samples are encoded, no model is built (seconds on a CPU)."""
+    paths = write_clips(args.workdir / "clips", 24, seed=0, shared_frames=True)
+    architecture = "tiny" if args.tiny else "internvl3-8b"
+    processor = processor_for(paths, ARCHITECTURES[architecture]["image_size"])
+    config = internvl_config(architecture, processor)
+    per_step = 16 if args.tiny else 32
+    samples = {stage: encode(paths, processor, stage, 2 * per_step) for stage in STAGES}
+    print(f"{architecture}, {per_step} samples a step; counted executed TFLOP of a stage-1 + "
+          "stage-2 step")  # fmt: skip
+    for flash in (False, True):
+        ordered, dense = flop_order(slot_setups(flash), config, samples, per_step)
+        print(f"flash-attention 2 {'installed' if flash else 'absent'}:")
+        for (number, setup), flops in ordered:
+            print(f"  setup {number} ({setup.label('bfloat16')}): {flops / 1e12:,.0f}")
+        for (number, setup), flops in dense:
+            print(f"  left out: setup {number} ({setup.label('bfloat16')}): {flops / 1e12:,.0f}")
+
+
+def run_slot(args, started: float) -> None:
+    """The header, the smoke run, the full-size run and the default, within the budget."""
+    deadline = started + args.budget_seconds
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = (args.out / "gpu_slot.md").open("w", encoding="utf-8")
+
+    def emit(line: str) -> None:
+        report.write(line + "\n")
+        report.flush()
+        print(line, flush=True)
+
+    name, peak = device_peak(args)
+    flash = is_flash_attn_2_available()
+    emit(f"# gpu_slot {time.strftime('%Y-%m-%d %H:%M %Z')}, {name}, "
+         f"torch's CUDA {torch.version.cuda}, peak {peak or 'unknown'} TFLOP/s, "
+         f"flash-attn {'installed' if flash else 'absent'}, {versions()}")  # fmt: skip
+    chosen = slot_setups(flash, args.only)
+    try:
+        importlib.import_module("bitsandbytes")
+    except Exception as error:  # noqa: BLE001 - then the nf4 setups cannot run
+        emit(f"nf4: absent, bitsandbytes not installed ({type(error).__name__}: {error}); "
+             "fetch_gpu_wheels.sh carries its wheel while the 64 MiB allow it")  # fmt: skip
+        keep_traceback(args.out, "import bitsandbytes")
+        chosen = [(n, s) for n, s in chosen if s.quantization != "nf4"]
+
+    paths = write_clips(args.workdir / "clips", 24, seed=0, shared_frames=True)
+    dtype = "float32" if args.tiny else "bfloat16"
+    smoke = argparse.Namespace(samples_per_step=8, steps=1, dtype=dtype, stages=STAGES)
+    results, skipped = run_phase("smoke", chosen, "tiny", paths, args, smoke, deadline, emit)
+    if skipped or time.monotonic() > deadline:
+        emit(f"skipped, the budget spent: {names(skipped, dtype)}; the full-size run")
+    else:
+        passed = [
+            (n, s)
+            for n, s in chosen
+            if set(results.get(n, {})) == set(STAGES) and all(results[n].values())
+        ]
+        if failed := [(n, s) for n, s in chosen if (n, s) not in passed]:
+            emit(f"left out, failed in the smoke run: {names(failed, dtype)}")
+        full = argparse.Namespace(samples_per_step=16 if args.tiny else 32, steps=1,
+                                  dtype=dtype, stages=STAGES)  # fmt: skip
+        architecture = "tiny" if args.tiny else "internvl3-8b"
+        # An 8B setup is built (seconds) and runs two warm-up and two timed steps: a
+        # minute at the least, however fast the smoke run went.
+        results, skipped = run_phase("full size", passed, architecture, paths, args, full,
+                                     deadline, emit, 0.0 if args.tiny else 60.0)  # fmt: skip
+        if skipped:
+            emit(f"skipped, the time left below the setup before's: {names(skipped, dtype)}")
+        emit(default_line(results, passed, dtype))
+    emit(f"# done in {time.monotonic() - started:.0f} s of a {args.budget_seconds:.0f} s budget")
+    report.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""Seconds per optimizer step of InternVL3-8B LoRA training, per configuration.
+
+The full-size architecture (7.94B parameters, untied head) is built from its config with
+random weights (nothing is downloaded), saved once, and loaded per configuration through
+the project's own `load_model` and `attach_lora` (LoRA r 128 on the language model).
+Samples are synthetic clips shaped like stage 1 (4 frames, one question, ~1.1k tokens)
+and stage 2 (10 frames, the clip's 2-7 questions, ~2.8k tokens), encoded by the project's
+`SampleBuilder`; steps run through its `CurriculumTrainer` and collators.
+
+Per configuration and stage, one line: seconds per optimizer step of `--samples-per-step`
+samples (median of the timed steps; the first step is a warm-up), real tokens/s, model
+TFLOP/s, MFU, peak GPU memory, and the share of computed tokens that are real.
+
+Model FLOPs per step (gradient-checkpointing recomputation not counted, as MFU requires):
+  language model, per sample of T tokens: 4·N_lm·T (forward 2, input gradients 2; the
+  frozen weights get no gradient) + 6·N_lora·T + attention 6·L·d·T² (causal: forward
+  2·L·d·T², backward twice that); N_lm = the decoder layers' matmul weights; the head
+  (d × vocab), 4·d·V per labelled token only (answers and their end token: the loss
+  runs it on those positions alone, robovqa_ft/training/loss.py); vision tower and projector,
+  frozen and before any LoRA, forward only, per tile: 2·N_vit·P + 4·L_v·d_v·P² +
+  2·N_proj·P' (P = 1025 patches + class, P' = 256 tokens).
+MFU = model FLOPs / (seconds per step × peak): 989 TFLOP/s dense bf16 for H100 SXM and
+H200 (the nf4 path computes in bf16 too); `--peak-tflops` for any other device.
+
+Run on a GPU: `python bench/train_step.py --workdir /tmp/bench` (the random 8B
+weights are written once to the workdir, 16 GB; `--only` and `--steps 1` shorten a run).
+On a CPU: `--tiny`. bench/gpu_slot.py runs these setups within a short GPU slot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from synthetic import CONFIG, STAGES, stage_dataset, write_clips
+from torch.utils.data import Dataset
+from transformers import PrinterCallback, TrainerCallback
+from transformers.utils import is_flash_attn_2_available
+
+from robovqa_ft.training.collate import collator
+from robovqa_ft.training.metrics import MetricsLog
+from robovqa_ft.training.model import attach_lora, load_model, load_processor
+from robovqa_ft.training.random_model import build_random_internvl, conversation_texts
+from robovqa_ft.training.samples import IGNORE_INDEX
+from robovqa_ft.training.steps import StepSampler
+from robovqa_ft.training.train import CurriculumTrainer, training_arguments
+
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
+LORA = CONFIG["lora"]  # r 128, alpha 256, as config.yaml
+COLUMNS = ("stage | quantization | gradient checkpointing | attention | micro-batch | padding | "
+           "s/step | tokens/s | TFLOP/s | MFU | peak GB | real tokens | "
+           "executed TFLOP/step (counted)")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    quantization: str  # nf4 (QLoRA) or none (bf16 LoRA)
+    gradient_checkpointing: bool
+    attention: str  # sdpa or flash_attention_2
+    micro_batch: int
+    padding: str  # longest, grouped or packed
+
+    def label(self, dtype: str) -> str:
+        quant = "QLoRA nf4" if self.quantization == "nf4" else f"LoRA {dtype}"
+        checkpointing = "gc on" if self.gradient_checkpointing else "gc off"
+        return f"{quant} | {checkpointing} | {self.attention} | {self.micro_batch} | {self.padding}"
+
+
+def setups(flash: bool) -> list[Setup]:
+    """The seed's configuration, then one change at a time, then the combinations."""
+    seed = Setup("nf4", True, "sdpa", 2, "longest")
+    bf16 = dataclasses.replace(seed, quantization="none")
+    chosen = [
+        seed,
+        dataclasses.replace(seed, micro_batch=8),
+        bf16,
+        dataclasses.replace(bf16, gradient_checkpointing=False),
+        dataclasses.replace(bf16, micro_batch=8),
+        dataclasses.replace(bf16, micro_batch=8, padding="grouped"),
+        dataclasses.replace(bf16, micro_batch=8, padding="packed"),
+        dataclasses.replace(bf16, gradient_checkpointing=False, micro_batch=4, padding="packed"),
+    ]
+    if flash:
+        chosen += [
+            dataclasses.replace(bf16, attention="flash_attention_2", micro_batch=8),
+            dataclasses.replace(bf16, attention="flash_attention_2", micro_batch=8,
+                                padding="packed"),
+            dataclasses.replace(seed, attention="flash_attention_2", micro_batch=8,
+                                padding="packed"),
+        ]  # fmt: skip
+    return chosen
+
+
+class Samples(Dataset):
+    """Encoded samples held in memory: the step time is the GPU's, not the data path's
+    (bench/dataloader.py measures that)."""
+
+    def __init__(self, samples: list[dict]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.samples[index]
+
+
+class Deadline(TrainerCallback):
+    """Ends the training after the step past which the time left before `deadline`
+    (time.monotonic) would not cover another step as long."""
+
+    def __init__(self, deadline: float):
+        self.deadline, self.last = deadline, time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        if 2 * now - self.last > self.deadline:
+            control.should_training_stop = True
+        self.last = now
+
+
+class StepTimer(TrainerCallback):
+    """Wall time and real/computed tokens of each optimizer step."""
+
+    def __init__(self, metrics: MetricsLog):
+        self.metrics, self.steps = metrics, []
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.steps.append((now - self.last, self.metrics.tokens, self.metrics.computed))
+        self.metrics.tokens = self.metrics.computed = 0
+        self.last = now
+
+
+def language_sizes(config) -> tuple[int, int, int]:
+    """(the decoder layers' matmul weights N_lm, layers, hidden size) of the language model."""
+    text = config.text_config
+    d, layers = text.hidden_size, text.num_hidden_layers
+    kv = text.num_key_value_heads * d // text.num_attention_heads
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * text.intermediate_size  # q,o + k,v + MLP
+    return layers * per_layer, layers, d
+
+
+def lora_parameters(config, r: int) -> int:
+    """LoRA's trainable weights at rank `r` on the language model's seven projections."""
+    text = config.text_config
+    d, inner = text.hidden_size, text.intermediate_size
+    kv = text.num_key_value_heads * d // text.num_attention_heads
+    per_layer = r * ((d + d) * 2 + (d + kv) * 2 + (d + inner) * 3)  # q,o; k,v; gate,up,down
+    return text.num_hidden_layers * per_layer
+
+
+def model_flops(config, lengths: list[int], labelled: int, tiles: int, lora_params: int) -> float:
+    """Model FLOPs of one optimizer step over samples of `lengths` tokens, `labelled` of them
+    labelled, with `tiles` image tiles in all (module docstring)."""
+    text, vision = config.text_config, config.vision_config
+    n_lm, layers, d = language_sizes(config)
+    dv, lv = vision.hidden_size, vision.num_hidden_layers
+    n_vit = lv * (4 * dv * dv + 2 * dv * vision.intermediate_size)
+    patches = (vision.image_size[0] // vision.patch_size[0]) ** 2 + 1
+    projected = config.image_seq_length
+    n_proj = 4 * dv * d + d * d  # 4096 -> 3584 -> 3584
+    tokens = sum(lengths)
+    language = (4 * n_lm + 6 * lora_params) * tokens + 6 * layers * d * sum(t * t for t in lengths)
+    language += 4 * d * text.vocab_size * labelled  # the head, on labelled positions only
+    visual = tiles * (2 * n_vit * patches + 4 * lv * dv * patches**2 + 2 * n_proj * projected)
+    return language + visual
+
+
+def computed_layout(setup: Setup, lengths: list[int]) -> tuple[list[int], list[tuple[int, bool]]]:
+    """What the kernels compute for one step of samples of `lengths` under `setup`: the
+    rows' lengths (every linear layer runs on each row's every position) and the attention
+    squares, each (side, whether the whole square is computed rather than its causal half).
+
+    A padded micro-batch is as many rows as samples, each as long as its longest (grouped:
+    the step's samples sorted first, as the sampler groups them). A packed one is one row
+    holding them all. SDPA and eager take a mask as soon as a row is padded or packed, and
+    then compute each row's whole square (no kernel skips masked blocks): for packing, a
+    square over every sample of the micro-batch. Flash-attention 2 unpads and attends
+    within each sample, causally, whatever the layout.
+    """
+    if setup.padding == "grouped":
+        lengths = sorted(lengths)
+    size = setup.micro_batch
+    rows: list[int] = []
+    squares: list[tuple[int, bool]] = []
+    for batch in (lengths[i : i + size] for i in range(0, len(lengths), size)):
+        layout = [sum(batch)] if setup.padding == "packed" else [max(batch)] * len(batch)
+        rows += layout
+        if setup.attention == "flash_attention_2":
+            squares += [(length, False) for length in batch]
+        else:
+            masked = setup.padding == "packed" or len(set(batch)) > 1
+            squares += [(side, masked) for side in layout]
+    return rows, squares
+
+
+def executed_flops(
+    config, setup: Setup, lengths: list[int], labelled: int, tiles: int, lora_params: int
+) -> float:
+    """FLOPs the kernels execute for one step (counted, not measured): the model FLOPs of
+    the computed rows (padding included) with their attention as `computed_layout` says,
+    and with gradient checkpointing each decoder layer's forward once more in the backward
+    pass."""
+    rows, squares = computed_layout(setup, lengths)
+    n_lm, layers, d = language_sizes(config)
+    causal_halves = sum((2 if whole else 1) * side * side for side, whole in squares)
+    flops = model_flops(config, rows, labelled, tiles, lora_params)
+    flops += 6 * layers * d * (causal_halves - sum(r * r for r in rows))  # model_flops' rows
+    if setup.gradient_checkpointing:
+        flops += (2 * n_lm + 2 * lora_params) * sum(rows) + 2 * layers * d * causal_halves
+    return flops
+
+
+def step_flops(
+    config, setup: Setup, samples: list[dict], per_step: int, lora_params: int
+) -> tuple[float, float]:
+    """(model FLOPs, executed FLOPs) of the average step of `per_step` of `samples`."""
+    model = executed = 0.0
+    steps = [samples[i : i + per_step] for i in range(0, len(samples), per_step)]
+    for step in steps:
+        figures = ([len(s["input_ids"]) for s in step],
+                   sum(int((torch.as_tensor(s["labels"]) != IGNORE_INDEX).sum()) for s in step),
+                   sum(len(s["pixel_values"]) for s in step))  # fmt: skip
+        model += model_flops(config, *figures, lora_params)
+        executed += executed_flops(config, setup, *figures, lora_params)
+    return model / len(steps), executed / len(steps)
+
+
+def encode(paths: dict, processor, stage: str, count: int) -> list[dict]:
+    dataset = stage_dataset(processor, paths, stage)
+    return [dataset[i % len(dataset)] for i in range(count)]
+
+
+def measure(
+    setup: Setup,
+    stage: str,
+    model,
+    processor,
+    samples: list[dict],
+    args,
+    out: Path,
+    deadline: float | None = None,
+) -> dict | None:
+    """Time `args.steps` optimizer steps after one warm-up step; returns the figures, or
+    None where `deadline` (time.monotonic) came before a timed step ended."""
+    stage_settings = {  # config.yaml's stage, with this setup's micro-batch
+        **CONFIG[stage], "batch_size": setup.micro_batch,
+        "grad_accum": args.samples_per_step // setup.micro_batch,
+    }  # fmt: skip
+    training = {"max_steps": 1 + args.steps, "logging_steps": 10**6, "eval_steps": 10**6,
+                "save_steps": 10**6, "save_total_limit": 2, "seed": 0,
+                "dataloader_workers": 0, "hang_timeout_minutes": 30}  # fmt: skip
+    model_settings = {"dtype": args.dtype}
+    targs = training_arguments(out, stage_settings, training, model_settings)
+    targs = dataclasses.replace(targs, eval_strategy="no", save_strategy="no", disable_tqdm=True)
+    trainer = CurriculumTrainer(
+        model=model, args=targs, train_dataset=Samples(samples),
+        data_collator=collator(setup.padding, processor.tokenizer.pad_token_id),
+    )  # fmt: skip
+    if setup.padding == "grouped":
+        lengths = [len(s["input_ids"]) for s in samples]
+        trainer.train_sampler = StepSampler(len(lengths), args.samples_per_step, 0, lengths)
+    trainer.metrics = MetricsLog(out, 0, 0)
+    timer = StepTimer(trainer.metrics)
+    trainer.add_callback(timer)
+    if deadline is not None:
+        trainer.add_callback(Deadline(deadline))
+    trainer.remove_callback(PrinterCallback)  # one line per setup, printed below
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    timer.last = time.perf_counter()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+    timed = timer.steps[1:]
+    if not timed:
+        del trainer
+        return None
+    seconds = statistics.median(t for t, _, _ in timed)
+    real = sum(r for _, r, _ in timed) / len(timed)
+    computed = sum(c for _, _, c in timed) / len(timed)
+    # Steps draw their samples at random: count the FLOPs of the average step.
+    lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops, executed = step_flops(model.config, setup, samples, args.samples_per_step, lora_params)
+    del trainer
+    return {"seconds": seconds, "tokens_per_s": real / seconds, "tflops": flops / seconds / 1e12,
+            "peak_gb": peak, "real_share": real / computed,
+            "executed_tflop": executed / 1e12}  # fmt: skip
+
+
+def stage_lines(
+    setup: Setup,
+    model,
+    processor,
+    samples: dict[str, list[dict]],
+    args,
+    out: Path,
+    peak: float | None,
+    deadline: float | None = None,
+) -> Iterator[tuple[str, dict | None, str]]:
+    """Measure `setup` on each of `args.stages`: (stage, figures or None, its table line).
+    Past `deadline` (time.monotonic) no stage starts, and a running one ends at its step."""
+    for stage in args.stages:
+        label = f"{stage} | {setup.label(args.dtype)}"
+        if deadline is not None and time.monotonic() > deadline:
+            yield stage, None, f"{label} | not run: the budget is spent"
+            continue
+        r, out_of_memory = None, False
+        try:
+            r = measure(setup, stage, model, processor, samples[stage], args, out, deadline)
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        # outside the except clause, whose traceback still holds the Trainer
+        model.zero_grad(set_to_none=True)
+        free_memory()
+        if out_of_memory:
+            yield stage, None, f"{label} | out of memory"
+        elif r is None:
+            yield stage, None, f"{label} | stopped at the budget before a timed step"
+        else:
+            mfu = f"{r['tflops'] / peak:.1%}" if peak else "n/a"
+            memory = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
+            figures = [f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.3g}",
+                       mfu, memory, f"{r['real_share']:.1%}",
+                       f"{r['executed_tflop']:.3g}"]  # fmt: skip
+            yield stage, r, " | ".join([label, *figures])
+
+
+def device_peak(args) -> tuple[str, float | None]:
+    if not torch.cuda.is_available():
+        return f"CPU ({platform.machine()}, {os.cpu_count()} cores)", args.peak_tflops
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops
+    for key, value in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if peak is None and key in name:
+            peak = value
+    return name, peak
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, help="keeps the random model between runs")
+    parser.add_argument("--samples-per-step", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--only", type=int, nargs="+", help="run these setups (1-based)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak")
+    parser.add_argument("--tiny", action="store_true", help="tiny model, CPU, float32 (tests)")
+    args = parser.parse_args()
+    args.dtype = "float32" if args.tiny else "bfloat16"
+    if args.tiny:
+        args.samples_per_step, args.steps = 16, 1
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="train_step-"))
+    architecture = "tiny" if args.tiny else "internvl3-8b"
+    paths = write_clips(workdir / "clips", 24, seed=0, shared_frames=True)
+    model_dir = workdir / f"model-{architecture}"
+    if not model_dir.exists():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        build_random_internvl(
+            model_dir, conversation_texts([paths["stage2"]]), architecture, vocab_size=8000,
+            dtype=getattr(torch, args.dtype), device=device,
+        )  # fmt: skip
+        free_memory()
+    processor = load_processor(model_dir)
+    count = args.samples_per_step * (1 + args.steps)
+    samples = {stage: encode(paths, processor, stage, count) for stage in args.stages}
+
+    flash = is_flash_attn_2_available()
+    name, peak = device_peak(args)
+    print(f"# {time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, "
+          f"{architecture}, {args.samples_per_step} samples per step, "
+          f"flash-attn {'installed' if flash else 'not installed'}")  # fmt: skip
+    print(COLUMNS)
+    chosen = setups(flash)
+    for number, setup in enumerate(chosen, 1):
+        if args.only and number not in args.only:
+            continue
+        try:
+            model = load_model(model_dir, setup.quantization, args.dtype, setup.attention,
+                               setup.gradient_checkpointing)  # fmt: skip
+            model = attach_lora(model, **LORA)
+        except Exception as error:  # noqa: BLE001 - a setup that cannot load is a result
+            print(f"all | {setup.label(args.dtype)} | cannot load: {type(error).__name__}: {error}")
+            continue
+        for _, _, line in stage_lines(setup, model, processor, samples, args, workdir / "out",
+                                      peak):  # fmt: skip
+            print(line, flush=True)
+        del model
+        free_memory()
+
+
+if __name__ == "__main__":
+    main()

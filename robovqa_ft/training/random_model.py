@@ -1,0 +1,168 @@
+"""InternVL models with random weights, saved in Hugging Face format: a tiny one for the
+demo and the tests, and the full InternVL3-8B architecture for the benchmarks.
+
+Training loads them with `from_pretrained` exactly like `OpenGVLab/InternVL3-8B-hf`: same
+classes, same processor, same special tokens and chat format. The tokenizer is trained
+here on the run's own text, since nothing can be downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVideoProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from robovqa_ft.core.files import atomic_directory
+
+IMAGE_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *IMAGE_TOKENS.values()]
+# ChatML, as InternVL3-hf's template: an image item is "<IMG_CONTEXT>\n"; no system prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# ImageNet statistics, as InternVL3-hf uses (the class defaults differ).
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+# The published InternVL3-8B-hf config (InternViT-300M + Qwen2.5-7B), 7.94B parameters.
+INTERNVL3_8B = {
+    "image_size": 448,
+    "vision_config": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                      "intermediate_size": 4096, "patch_size": [14, 14], "attention_bias": True,
+                      "layer_norm_eps": 1e-6, "layer_scale_init_value": 0.1},
+    "text_config": {"model_type": "qwen2", "vocab_size": 151674, "hidden_size": 3584,
+                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                    "intermediate_size": 18944, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+                    "max_position_embeddings": 32768},
+}  # fmt: skip
+TINY = {
+    "image_size": 56,
+    "vision_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "intermediate_size": 64, "patch_size": [14, 14]},
+    "text_config": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "intermediate_size": 128, "max_position_embeddings": 4096},
+}  # fmt: skip
+ARCHITECTURES = {"tiny": TINY, "internvl3-8b": INTERNVL3_8B}
+
+
+def conversation_texts(jsonl_paths: Iterable[Path | str]) -> Iterator[str]:
+    for path in jsonl_paths:
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                for turn in json.loads(line)["conversations"]:
+                    yield turn["value"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with the special tokens InternVL needs."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=IMAGE_TOKENS,
+    )
+
+
+def build_processor(texts: Iterable[str], image_size: int, vocab_size: int) -> InternVLProcessor:
+    """InternVL's processor with one tile per frame and a tokenizer trained on `texts`."""
+    tokenizer = train_tokenizer(texts, vocab_size)
+    size = {"height": image_size, "width": image_size}
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(
+            size=size, crop_to_patches=False, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+        ),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(
+            size=size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+        ),
+        image_seq_length=(image_size // 14 // 2) ** 2,  # 14 px patches, pixel shuffle 0.5
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def internvl_config(
+    architecture: str, processor: InternVLProcessor, image_size: int | None = None
+) -> InternVLConfig:
+    """`architecture` ("tiny" or "internvl3-8b") with the processor's tokens; the vocabulary
+    is at least the tokenizer's, and the head is untied, as in InternVL3."""
+    arch = ARCHITECTURES[architecture]
+    image_size = image_size or arch["image_size"]
+    tokenizer = processor.tokenizer
+    vocab = max(arch["text_config"].get("vocab_size", 0), len(tokenizer))
+    return InternVLConfig(
+        vision_config={**arch["vision_config"], "image_size": [image_size, image_size]},
+        text_config={**arch["text_config"], "vocab_size": vocab},
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["context_image_token"]),
+        image_seq_length=processor.image_seq_length,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+
+
+def build_random_internvl(
+    out_dir: Path | str,
+    texts: Iterable[str],
+    architecture: str = "tiny",
+    image_size: int | None = None,
+    vocab_size: int = 1000,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> None:
+    """Save a randomly initialised InternVL, its processor and tokenizer to `out_dir`.
+
+    The full-size architecture is built on `device` ("cuda" for the 8B: 16 GB in bf16).
+    """
+    torch.manual_seed(seed)
+    image_size = image_size or ARCHITECTURES[architecture]["image_size"]
+    processor = build_processor(texts, image_size, vocab_size)
+    config = internvl_config(architecture, processor, image_size)
+    with torch.device(device):
+        model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+
+def build_tiny_internvl(
+    out_dir: Path | str,
+    jsonl_paths: Iterable[Path | str],
+    image_size: int = 56,
+    vocab_size: int = 1000,
+    seed: int = 0,
+) -> None:
+    """The demo's and the tests' tiny InternVL, its tokenizer trained on the JSONL text."""
+    build_random_internvl(
+        out_dir, conversation_texts(jsonl_paths), "tiny", image_size, vocab_size, seed
+    )

@@ -1,0 +1,139 @@
+"""The order of the training's steps: which samples make each optimizer step on which
+process (`StepSampler`: a seeded shuffle an epoch, cut to whole steps, length-grouped on
+lengths measured once a run), whether a checkpoint is the run's last, and the data
+loader's workers, which leave SIGTERM to the trainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import Sampler
+
+from robovqa_ft.core.files import write_json_atomic
+from robovqa_ft.training import ranks
+from robovqa_ft.training.samples import JsonlDataset
+
+log = logging.getLogger(__name__)
+
+
+class StepSampler(Sampler):
+    """The training order: a fresh seeded shuffle each epoch, cut to whole optimizer steps.
+
+    The remainder of fewer than one step is dropped, so every step holds `step_size`
+    samples on one process or on eight (under DDP, accelerate would pad a short last step
+    with start-of-epoch samples). The ranks deal the order's micro-batches round-robin
+    (accelerate's `BatchSamplerShard`), so a step's samples are the same for any count.
+
+    With `lengths` (training.padding "grouped"), each step's samples are sorted longest
+    first, so its micro-batches hold similar lengths, and dealt in snake order so that no
+    rank gets the longest micro-batch of every round. A step is still a random draw:
+    sorting within whole steps (not across many, as transformers' `LengthGroupedSampler`
+    does by default) keeps long planning questions from filling whole steps of their own.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        step_size: int,
+        seed: int,
+        lengths: list[int] | None = None,
+        batch_size: int = 1,
+        ranks: int = 1,
+    ):
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"{len(lengths)} lengths for {size} samples")
+        self.size, self.step_size, self.seed = size, step_size, seed
+        self.lengths, self.batch_size, self.ranks = lengths, batch_size, ranks
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.step_size * self.step_size
+
+    @property
+    def steps(self) -> int:
+        return self.size // self.step_size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()[: len(self)]
+        for start in range(0, len(order), self.step_size):
+            step = order[start : start + self.step_size]
+            if self.lengths is not None:
+                step = sorted(step, key=lambda i: -self.lengths[i])
+                step = snake_order(step, self.batch_size, self.ranks)
+            yield from step
+
+
+def snake_order(step: list[int], batch_size: int, ranks: int) -> list[int]:
+    """A step's samples re-laid so that dealing its micro-batches round-robin gives rank
+    0 the first, 1 the second ... in even rounds and the reverse in odd ones."""
+    micro = [step[i : i + batch_size] for i in range(0, len(step), batch_size)]
+    rounds = [micro[i : i + ranks] for i in range(0, len(micro), ranks)]
+    dealt = [r[::-1] if j % 2 else r for j, r in enumerate(rounds)]
+    return [i for round_ in dealt for batch in round_ for i in batch]
+
+
+def training_order(
+    train_set: JsonlDataset, stage: dict, training: dict, checkpoint_dir: Path, current: str
+) -> StepSampler:
+    """The sampler of whole optimizer steps; for length grouping, with the samples' token
+    lengths, measured once per run by rank 0 and kept beside its checkpoints."""
+    me = ranks.world()
+    step = stage["batch_size"] * stage["grad_accum"]
+    lengths = None
+    if training["padding"] == "grouped":
+        path = checkpoint_dir / f"token_lengths-{current[:16]}.json"
+        if me.is_main and not path.exists():
+            log.info("Measuring %d samples' token lengths for length grouping", len(train_set))
+            write_json_atomic(path, train_set.token_lengths())
+            for old in checkpoint_dir.glob("token_lengths-*.json"):
+                if old != path:
+                    old.unlink()
+        else:
+            log.info("Token lengths for length grouping from %s", path)
+        ranks.barrier()
+        lengths = json.loads(path.read_text())
+    sampler = StepSampler(
+        len(train_set), step, training["seed"], lengths, stage["batch_size"], me.size
+    )
+    if sampler.steps == 0:
+        raise ValueError(
+            f"{len(train_set)} training samples are fewer than one optimizer step "
+            f"(batch_size {stage['batch_size']} × grad_accum {stage['grad_accum']})"
+        )
+    if len(sampler) < len(train_set):
+        log.info(
+            "Each epoch is %d whole steps of %d samples: the last %d samples of each "
+            "epoch's shuffle are left out", sampler.steps, step, len(train_set) - len(sampler),
+        )  # fmt: skip
+    return sampler
+
+
+def finished_at(checkpoint: Path) -> bool:
+    """Whether `checkpoint` is of the run's last step, by the Trainer's own count."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["global_step"] >= state["max_steps"]
+
+
+def workers_ignore_sigterm(loader):
+    """A scheduler signals every process of the job, DataLoader workers too, whose death
+    would crash the step before the training could save: they leave SIGTERM to it (and
+    end with it)."""
+    base = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper iterates this
+    base.worker_init_fn = partial(_ignore_sigterm, base.worker_init_fn)
+    return loader
+
+
+def _ignore_sigterm(then, worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)

@@ -4,10 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test faults lint format bench bench-gpu clean clean-results status
+.PHONY: demo test check faults lint format bench bench-gpu clean clean-results status
 
 # The demo and the tests never touch the network: every model is built here.
-demo test faults: export HF_HUB_OFFLINE := 1
+demo test check faults: export HF_HUB_OFFLINE := 1
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,11 +42,18 @@ status:
 	@$(BIN)/robovqa-status --directory $(or $(DIR),.)
 
 # TensorFlow and torch must not share a process: one pytest run each. The fault suite
-# (tests/faults/) is part of it, its kills at their default size.
+# (tests/faults/) is part of it, its kills at their default size. What CI runs.
 test: $(STAMP)
 	$(BIN)/python -m pytest tests/data tests/faults/data
 	$(BIN)/python -m pytest tests/training tests/faults/training
 	$(BIN)/python -m pytest tests/faults/kills
+
+# The inner loop, a few minutes: lint, every test but those marked `slow` (multi-process
+# training, the whole DAG under SLURM or a GCS emulator, the kill suite, which is slow
+# throughout), and the whole DAG once at its smallest, killed and rerun (test_rerun.py).
+check: lint
+	$(BIN)/python -m pytest -m "not slow" tests/data tests/faults/data
+	$(BIN)/python -m pytest -m "not slow" tests/training tests/faults/training
 
 # The fault suite alone, at any size: FAULT_KILLS=100 FAULT_SEED=3 make faults (default
 # 20 kills, seed 0). A failure prints the FAULT_PLAN=... that replays it.

@@ -2,7 +2,9 @@
 only what did not finish runs, and a bookkeeping key changes no finished output.
 
 The whole DAG (download, frames, JSONL, tiny model, three trainings, four evaluations,
-the report) runs on tests/data/configs/small.yaml in about a minute.
+the report) runs once on tests/data/configs/small.yaml, killed after its first training
+and run again to its end (about a minute and a half): the kill test and the tests of a
+complete run share it, and `make check` runs it as its end-to-end smoke.
 """
 
 import os
@@ -10,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,11 +57,48 @@ def planned(output: str) -> dict[str, int]:
     return {rule: int(count) for rule, count in (line.split() for line in table)}
 
 
+@dataclass
+class Interrupted:
+    """A run of the whole DAG killed once a training finished, then run to its end."""
+
+    work: Path
+    trained: int  # trainings finished before the kill
+    planned: dict[str, int]  # what a dry run then planned
+    rerun: str  # the rerun's output
+
+
 @pytest.fixture(scope="module")
-def complete(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("complete")
-    snakemake("--cores", "2", workdir=work)
-    return work
+def interrupted(tmp_path_factory) -> Interrupted:
+    """The end-to-end smoke of the DAG at its smallest (tests/data/configs/small.yaml),
+    killed and rerun on the way: one whole run serves the kill test and every test of a
+    complete run."""
+    work = tmp_path_factory.mktemp("complete") / "work"
+    log = work.parent / "snakemake.log"
+    command = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
+               "--cores", "2", *CONFIGS]  # fmt: skip
+    with log.open("w") as handle:
+        process = subprocess.Popen(
+            command, cwd=ROOT, start_new_session=True, stdout=handle, stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while "(Rule: train)" not in log.read_text():  # the data half and one training done
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # snakemake and every job it started
+    process.wait()
+    trained = log.read_text().count("(Rule: train)")
+    # Killed, snakemake could not remove its lock: it says so, and --unlock removes it
+    # (a SIGTERM or Ctrl-C removes it itself). The README says the same.
+    snakemake("--unlock", workdir=work)
+    jobs = planned(snakemake("-n", workdir=work))
+    return Interrupted(work, trained, jobs, snakemake("--cores", "2", workdir=work))
+
+
+@pytest.fixture(scope="module")
+def complete(interrupted) -> Path:
+    return interrupted.work
 
 
 def test_a_complete_run_plans_nothing(complete):
@@ -113,35 +153,17 @@ def test_every_config_key_is_bookkeeping_or_read_by_a_job():
         assert set(names) <= read, f"bookkeeping {section} {keys} is read by no job"
 
 
-def test_after_a_kill_only_what_did_not_finish_runs_again(tmp_path):
-    work, log = tmp_path / "work", tmp_path / "snakemake.log"
-    command = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
-               "--cores", "2", *CONFIGS]  # fmt: skip
-    with log.open("w") as handle:
-        process = subprocess.Popen(
-            command, cwd=ROOT, start_new_session=True, stdout=handle, stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while "(Rule: train)" not in log.read_text():  # the data half and one training done
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)  # snakemake and every job it started
-    process.wait()
-    trained = log.read_text().count("(Rule: train)")
-    # Killed, snakemake could not remove its lock: it says so, and --unlock removes it
-    # (a SIGTERM or Ctrl-C removes it itself). The README says the same.
-    snakemake("--unlock", workdir=work)
-    jobs = planned(snakemake("-n", workdir=work))
+def test_after_a_kill_only_what_did_not_finish_runs_again(interrupted):
+    jobs = interrupted.planned
     finished = {"download", "extract_frames", "build_jsonl", "build_tiny_model"}
     assert jobs and not finished & set(jobs), jobs
-    assert jobs.get("train", 0) == 3 - trained, jobs  # a finished training is not trained again
-    output = snakemake("--cores", "2", workdir=work)
-    assert "rule build_jsonl:" not in output and "rule extract_frames:" not in output
-    assert "Nothing to be done" in snakemake("-n", workdir=work)
+    assert jobs.get("train", 0) == 3 - interrupted.trained, jobs  # not trained again
+    assert "rule build_jsonl:" not in interrupted.rerun
+    assert "rule extract_frames:" not in interrupted.rerun
+    assert "rule train:" in interrupted.rerun  # the rerun did finish the rest
 
 
+@pytest.mark.slow
 def test_a_gcs_source_run_through_an_emulator_plans_nothing_after_it_completes(tmp_path):
     from test_gcs_emulator import Emulator
 

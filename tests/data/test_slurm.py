@@ -16,6 +16,8 @@ import yaml
 
 from robovqa_ft.core.settings import BOOKKEEPING
 
+pytestmark = pytest.mark.slow  # the DAG through sbatch and srun stand-ins
+
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 PROFILE = str(ROOT / "profiles" / "slurm")

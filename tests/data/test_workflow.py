@@ -61,6 +61,7 @@ def test_bad_config_stops_before_any_work_naming_the_key(tmp_path, override, nam
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_dag_runs_on_a_local_bucket_given_with_config_source(tmp_path):
     bucket = tmp_path / "bucket"
     generate_demo_bucket(bucket, clips=24, shards_per_split=2, frame_size=(64, 48), bad_records=1)

@@ -34,6 +34,8 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
+pytestmark = pytest.mark.slow  # kills a running workflow, again and again
+
 ROOT = Path(__file__).resolve().parents[3]
 INJECT = Path(__file__).resolve().parent / "inject"
 sys.path.insert(0, str(ROOT / "tests" / "data"))  # the GCS emulator of the download tests

@@ -9,8 +9,9 @@ import shutil
 import pytest
 from training_helpers import csv_rows, run_settings, train_tiny
 
-from robovqa_ft.evaluation import evaluate, train
+from robovqa_ft.evaluation import evaluate
 from robovqa_ft.evaluation.evaluate import evaluate_run
+from robovqa_ft.training import train
 from robovqa_ft.training.checkpoints import (
     COMPLETE_MARKER,
     FINGERPRINT_FILE,

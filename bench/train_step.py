@@ -266,14 +266,15 @@ def measure(
     model_settings = {"dtype": args.dtype}
     targs = training_arguments(out, stage_settings, training, model_settings)
     targs = dataclasses.replace(targs, eval_strategy="no", save_strategy="no", disable_tqdm=True)
+    sampler = None
+    if setup.padding == "grouped":
+        lengths = [len(s["input_ids"]) for s in samples]
+        sampler = StepSampler(len(lengths), args.samples_per_step, 0, lengths)
     trainer = CurriculumTrainer(
         model=model, args=targs, train_dataset=Samples(samples),
         data_collator=collator(setup.padding, processor.tokenizer.pad_token_id),
+        metrics=MetricsLog(out, 0, 0), train_sampler=sampler,
     )  # fmt: skip
-    if setup.padding == "grouped":
-        lengths = [len(s["input_ids"]) for s in samples]
-        trainer.train_sampler = StepSampler(len(lengths), args.samples_per_step, 0, lengths)
-    trainer.metrics = MetricsLog(out, 0, 0)
     timer = StepTimer(trainer.metrics)
     trainer.add_callback(timer)
     if deadline is not None:

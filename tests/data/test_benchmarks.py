@@ -2,9 +2,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_extract_frames_benchmark_prints_every_figure():
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "extract_frames.py"),

@@ -301,6 +301,7 @@ MAKE_SHARD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_tfrecord_clip_is_read_in_a_child_and_tensorflow_never_loads_here(
     tiny_setup, run_dir, config, tmp_path
 ):

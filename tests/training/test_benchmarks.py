@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,6 +25,7 @@ def number(text: str) -> float:
     return float(text.rstrip("%x"))
 
 
+@pytest.mark.slow
 def test_train_step_prints_one_line_per_setup_and_stage(tmp_path):
     rows = table("train_step.py", "--tiny", "--workdir", str(tmp_path))
     header = rows[0]
@@ -84,6 +86,7 @@ def slot_report(tmp_path: Path, *args: str) -> list[str]:
     return (out / "gpu_slot.md").read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_gpu_slot_reports_versions_each_setup_of_both_runs_and_the_default(tmp_path):
     lines = slot_report(tmp_path, "--only", "2", "7", "--budget-seconds", "600")
     for package in ("python", "torch", "transformers", "peft", "accelerate"):
@@ -100,6 +103,7 @@ def test_gpu_slot_reports_versions_each_setup_of_both_runs_and_the_default(tmp_p
     assert lines[-1].startswith("# done in")
 
 
+@pytest.mark.slow
 def test_gpu_slot_stops_cleanly_when_its_budget_is_spent(tmp_path):
     lines = slot_report(tmp_path, "--budget-seconds", "0")  # and exits 0
     skipped = [line for line in lines if line.startswith("skipped")]
@@ -145,6 +149,7 @@ def test_gpu_slot_builds_in_memory_the_model_load_model_loads(tmp_path):
         torch.testing.assert_close(*logits, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_padding_benchmark_measures_every_strategy():
     rows = table("padding.py", "--tiny")
     shares = {(r[0], r[1], r[2]): number(r[3]) for r in rows if len(r) == 4 and r[3].endswith("%")}
@@ -158,6 +163,7 @@ def test_padding_benchmark_measures_every_strategy():
     assert 4 * 258 < stage1_mean < 2048  # four 448 px frames and a question
 
 
+@pytest.mark.slow
 def test_dataloader_benchmark_reports_rates_and_parts():
     rows = table("dataloader.py", "--tiny")
     rows = [r for r in rows if r[0] in ("stage1", "stage2")]
@@ -168,6 +174,7 @@ def test_dataloader_benchmark_reports_rates_and_parts():
     assert parts >= {("stage1", "decode"), ("stage1", "encode"), ("stage2", "collate")}
 
 
+@pytest.mark.slow
 def test_flops_benchmark_counts_every_group_and_the_recompute_beside_the_formula(tmp_path):
     rows = table("flops.py", "--tiny", "--workdir", str(tmp_path))
     header = [r for r in rows if r[0] == "stage"]
@@ -203,6 +210,7 @@ def test_flops_benchmark_counts_every_group_and_the_recompute_beside_the_formula
     assert steps["stage2", "gc off"]["executed"] > steps["stage1", "gc off"]["executed"]
 
 
+@pytest.mark.slow
 def test_eval_cost_counts_both_formats_answers_and_controls_of_every_run():
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "eval_cost.py"), "--answers-per-family", "10"],

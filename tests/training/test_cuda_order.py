@@ -102,6 +102,7 @@ def queries_before_the_choice(job: list[str], tmp_path: Path) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", JOBS)
 def test_a_gpu_job_asks_cuda_nothing_before_it_chooses_its_gpus(name, tmp_path):
     chosen = queries_before_the_choice(JOBS[name], tmp_path)
@@ -112,6 +113,7 @@ def test_a_gpu_job_asks_cuda_nothing_before_it_chooses_its_gpus(name, tmp_path):
     assert chosen["gpus"] == {"train": 2, "evaluate": 2, "merge": 0, "ask": 1}[name]
 
 
+@pytest.mark.slow
 def test_the_recorder_sees_a_query_made_before_the_choice(tmp_path):
     # The check above could pass by recording nothing: a job that imports peft first
     # (bitsandbytes counts the devices at import) must be caught.
@@ -124,6 +126,7 @@ def test_the_recorder_sees_a_query_made_before_the_choice(tmp_path):
     assert "device count" in chosen["queries_before"]
 
 
+@pytest.mark.slow
 def test_choosing_after_bitsandbytes_asked_cuda_is_an_error(tmp_path):
     # What the old evaluate script did: peft imports bitsandbytes, which counts the devices
     # (torch records no initialisation for that). On a machine with CUDA, as stated here,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from training_helpers import run_settings
 
@@ -93,6 +94,7 @@ def test_a_pinned_revision_reaches_every_load_and_is_recorded(tiny_setup, tmp_pa
     assert evaluation["provenance"]["model_revision"] == OLD
 
 
+@pytest.mark.slow
 def test_a_moved_default_branch_is_another_base_and_sets_old_checkpoints_aside(
     tiny_setup, tmp_path
 ):

@@ -167,6 +167,7 @@ def test_the_attempt_line_is_the_one_training_logs(tmp_path):
         package.setLevel(level)
 
 
+@pytest.mark.slow
 def test_a_running_then_killed_training_is_training_then_failed(tiny_setup, tmp_path):
     work = tmp_path / "work"
     training = {"max_steps": 400, "save_steps": 2, "eval_steps": 1000}

@@ -15,7 +15,9 @@ from typing import IO
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # A line of FORMAT, read back by `robovqa-status`: by level and message, never by the
 # logger's name beyond the package's own (log_to's), which a move of a module changes.
-LINE = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) (?P<name>\S+): (?P<message>.*)$")
+LINE = re.compile(
+    r"^\S+ \S+ (?:rank \d+ )?(?P<level>[A-Z]+) (?P<name>\S+): (?P<message>.*)$"
+)  # a torchrun worker above rank 0 writes "rank N" before the level
 PACKAGE_LOGGER = "robovqa_ft"  # log_to's: a job's last words
 ATTEMPT_START = "Training with "  # the message each training attempt starts with
 

@@ -1,6 +1,9 @@
 """The workflow's config, checked before any job: values read as the types the schema gives,
 defaults filled, the schema validated and the checks that span keys made. Each mistake is one
-line (`ConfigError`). The Snakefile imports this module: no torch, transformers or TensorFlow.
+line (`ConfigError`). Also the one table of bookkeeping keys (`BOOKKEEPING`, `READS`) and
+how `grad_accum` divides over processes (`per_rank_accumulation`), which the config check
+and the launcher share. The Snakefile imports this module: no torch, transformers or
+TensorFlow (nor jsonschema, until a config is checked).
 """
 
 from __future__ import annotations
@@ -181,8 +184,11 @@ def cross_key_errors(config: dict) -> Iterator[str]:
             )
         try:
             per_rank_accumulation(accum, gpus)
-        except ValueError as error:
-            yield f"{stage}.grad_accum = {accum}, training.gpus = {gpus}: {error}"
+        except ValueError:
+            yield (
+                f"{stage}.grad_accum = {accum} does not divide over training.gpus = {gpus}: "
+                "the global batch (batch_size × grad_accum) stays the same on any GPU count"
+            )
     for name in config["training"]["report_to"]:
         module = INTEGRATION_MODULES.get(name)
         if module and importlib.util.find_spec(module) is None:

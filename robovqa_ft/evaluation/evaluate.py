@@ -5,12 +5,11 @@ questions, taken clip by clip and stratified by score group.
 Each question is asked in both answer formats (stage 1's: its frames and the question;
 stage 2's: its frames and the clip's earlier questions with their reference answers,
 then the question), and every yes/no question also on blank frames and on another clip's
-frames of its group: the controls a model that looks at the pixels must beat. Scores:
-yes/no by accuracy after normalization (with the invalid rate); free form by sacrebleu's
-sentence BLEU (prediction as hypothesis, reference as the one reference, default
-settings) and exact match after normalization. Never trains and never touches a
-checkpoint; finished batches go to a journal (`robovqa_ft.evaluation.journal`), so a killed
-evaluation resumes after its last one. The fields: docs/eval_json.md.
+frames of its group: the controls a model that looks at the pixels must beat
+(`questions.py`); scored as `scoring.py` says; losses as `val_losses.py` computes them;
+answers as `generation.py` generates them. Never trains and never touches a checkpoint;
+finished batches go to a journal (`journal.py`), so a killed evaluation resumes after its
+last one. The fields: docs/eval_json.md.
 """
 
 from __future__ import annotations
@@ -57,9 +56,6 @@ PROMPTS = {
               "less max_new_tokens)",
 }  # fmt: skip
 PROGRESS_FILE = "eval_progress.jsonl"
-
-
-# --- scoring -------------------------------------------------------------------------------
 
 
 # --- what is evaluated ---------------------------------------------------------------------

@@ -152,9 +152,8 @@ def evaluation_state(run_dir: Path) -> str:
     """done, the batches an evaluation under way (or interrupted) has finished, or –."""
     if (run_dir / "eval.json").exists():
         return "done"
-    progress = (
-        run_dir / "eval_progress.jsonl"
-    )  # robovqa_ft.evaluation.journal: a header, one line a batch
+    # robovqa_ft.evaluation.journal: a header, one line a batch
+    progress = run_dir / "eval_progress.jsonl"
     try:
         batches = max(len(progress.read_bytes().splitlines()) - 1, 0)
     except OSError:

@@ -1,7 +1,6 @@
-"""The run's checkpoint folder: who may write it, which checkpoints may be resumed.
-
-Kept apart from the training code (and free of torch) so that the workflow can ask
-which settings shape the weights without loading a deep-learning stack.
+"""The run's checkpoint folder: who may write it (the lock), what it was trained with (the
+fingerprint), which checkpoint to resume, rotation, and the disk space a run still needs.
+Free of torch: `robovqa-status` reads it.
 """
 
 from __future__ import annotations

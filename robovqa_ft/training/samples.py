@@ -1,7 +1,7 @@
-"""Turn curriculum JSONL lines into model inputs: frames, chat prompt, labels, padding.
+"""Turn curriculum JSONL lines into model inputs: frames, chat prompt, labels.
 
-One sample is built in `SampleBuilder.encode` (in DataLoader workers); the collator only
-pads and stacks (`pad_batch`) or lays the micro-batch end to end in one row (`pack_batch`).
+One sample is built in `SampleBuilder.encode` (in DataLoader workers); the collator
+(`collate.py`) only pads and stacks, or lays the micro-batch end to end in one row.
 Loss falls on assistant tokens only; truncation drops whole trailing turns and never cuts
 into image tokens, which all sit in the first human turn. A generation prompt
 (`encode_prompt`) drops whole leading turns instead: the oldest history goes first.

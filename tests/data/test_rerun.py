@@ -25,7 +25,7 @@ DATA = "results/data/metadata.json"  # the data half of the DAG
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 CONFIGS = ("--configfile", str(ROOT / "config" / "demo.yaml"),
            str(ROOT / "tests" / "data" / "configs" / "small.yaml"))  # fmt: skip
-# A new value for every key of checkpoints.BOOKKEEPING (the test checks it is every one).
+# A new value for every key of settings.BOOKKEEPING (the test checks it is every one).
 CHANGED = {
     TOP_LEVEL: {"download_workers": 3},
     "training": {"logging_steps": 3, "eval_steps": 7, "eval_clips": 5, "save_steps": 9,

@@ -164,7 +164,7 @@ def test_train_job_asks_sbatch_and_srun_for_its_gpus_and_gets_the_sigterm_warnin
 
 
 def test_changing_bookkeeping_settings_after_a_run_plans_nothing(trained, cluster):
-    # Every training and evaluation key of checkpoints.BOOKKEEPING, the GPU count among
+    # Every training and evaluation key of settings.BOOKKEEPING, the GPU count among
     # them: the run trained on 2 processes, and its evaluation, are done whatever count,
     # cadence, timeout, batch of prompts or number of workers comes next.
     evaluated = "results/stage1/eval.json"

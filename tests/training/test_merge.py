@@ -1,5 +1,6 @@
-"""The merged model (robovqa_ft/tools/merge.py) on the tiny model: its logits are the adapter
-model's, it loads without peft, and its card states eval.json's figures."""
+"""The merged model (robovqa_ft/tools/merge.py, its card in model_card.py) on the tiny
+model: its logits are the adapter model's, it loads without peft, and its card states
+eval.json's figures."""
 
 import json
 from pathlib import Path
@@ -99,7 +100,7 @@ def test_merged_folder_is_a_plain_model_with_its_processor(tiny_setup, merged):
 
 
 def expected_figures(evaluation: dict) -> dict[str, float]:
-    """eval.json's figures by the card's metric names, read here without merge.py."""
+    """eval.json's figures by the card's metric names, read here without model_card.py."""
     names = {"frames": "own frames", "blank_frames": "blank frames",
              "other_clip": "another clip's frames (same group)"}  # fmt: skip
     keys = {"frames": "yes_no_accuracy", "blank_frames": "blank_frames_yes_no_accuracy",

@@ -218,3 +218,13 @@ def test_the_status_command_reads_only_without_torch_or_the_lock(finished):
     imports = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                              check=True, cwd=ROOT)  # fmt: skip
     assert imports.stdout.strip() == "False"
+
+
+def test_a_worker_ranks_error_line_counts_as_the_jobs_error(tmp_path):
+    """torchrun's workers above rank 0 write "rank N" before the level (launch.py)."""
+    job_log = tmp_path / "job.log"
+    job_log.write_text(
+        "2026-12-02 10:00:00,000 INFO robovqa_ft.training.train: Training with 2 processes\n"
+        "2026-12-02 10:05:00,000 rank 1 ERROR robovqa_ft: rank 1 failed\n"
+    )
+    assert last_attempt_error(job_log) == "rank 1 failed"

@@ -51,8 +51,15 @@ test: $(STAMP)
 # The inner loop, a few minutes: lint, every test but those marked `slow` (multi-process
 # training, the whole DAG under SLURM or a GCS emulator, the kill suite, which is slow
 # throughout), and the whole DAG once at its smallest, killed and rerun (test_rerun.py).
+# The two pytest processes run side by side, each shown whole when it ends.
 check: lint
+	@$(MAKE) --no-print-directory --output-sync=target -j2 check-data check-training
+
+.PHONY: check-data check-training
+check-data check-training: export HF_HUB_OFFLINE := 1
+check-data: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" tests/data tests/faults/data
+check-training: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" tests/training tests/faults/training
 
 # The fault suite alone, at any size: FAULT_KILLS=100 FAULT_SEED=3 make faults (default

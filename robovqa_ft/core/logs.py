@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import IO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# A line of FORMAT, read back by `robovqa-status`: by level and message, never by the
-# logger's name beyond the package's own (log_to's), which a move of a module changes.
-LINE = re.compile(
-    r"^\S+ \S+ (?:rank \d+ )?(?P<level>[A-Z]+) (?P<name>\S+): (?P<message>.*)$"
-)  # a torchrun worker above rank 0 writes "rank N" before the level
+# A line of `line_format`, read back by `robovqa-status`: by level and message, never by
+# the logger's name beyond the package's own (log_to's), which a move of a module changes.
+LINE = re.compile(r"^\S+ \S+ (?:rank \d+ )?(?P<level>[A-Z]+) (?P<name>\S+): (?P<message>.*)$")
 PACKAGE_LOGGER = "robovqa_ft"  # log_to's: a job's last words
 ATTEMPT_START = "Training with "  # the message each training attempt starts with
+
+
+def line_format(rank: int = 0) -> str:
+    """A log line's format: FORMAT, with "rank N" before the level for a torchrun worker
+    above rank 0 (whose lines share the job's log with rank 0's)."""
+    return FORMAT.replace(" %(levelname)s", f" rank {rank} %(levelname)s") if rank else FORMAT
 
 
 @contextmanager

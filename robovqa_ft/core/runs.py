@@ -22,6 +22,7 @@ FORMATS = ("stage1", "stage2")
 
 HEARTBEAT = "heartbeat.json"  # results/<run>/heartbeat.json, from rank 0 (training.curves)
 EVENTS_DIR = "tensorboard"  # results/<run>/tensorboard/: the run's TensorBoard events
+PROGRESS_FILE = "eval_progress.jsonl"  # results/<run>/: an unfinished evaluation's journal
 
 
 def run_stage(run: str) -> str:

@@ -27,7 +27,7 @@ from peft import PeftModel
 
 from robovqa_ft.core.files import atomic_open, write_json_atomic
 from robovqa_ft.core.provenance import provenance
-from robovqa_ft.core.runs import FORMATS, trained_formats
+from robovqa_ft.core.runs import FORMATS, PROGRESS_FILE, trained_formats
 from robovqa_ft.evaluation.generation import answer_batches
 from robovqa_ft.evaluation.journal import Journal, journal_fingerprint
 from robovqa_ft.evaluation.questions import (
@@ -55,10 +55,6 @@ PROMPTS = {
               "reference answers, then the question (oldest pairs dropped to fit max_seq_len "
               "less max_new_tokens)",
 }  # fmt: skip
-PROGRESS_FILE = "eval_progress.jsonl"
-
-
-# --- what is evaluated ---------------------------------------------------------------------
 
 
 def hardware() -> str:

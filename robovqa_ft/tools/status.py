@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from robovqa_ft.core.logs import ATTEMPT_START, LINE, PACKAGE_LOGGER
-from robovqa_ft.core.runs import BASE, EVENTS_DIR, TRAINED, read_heartbeat
+from robovqa_ft.core.runs import BASE, EVENTS_DIR, PROGRESS_FILE, TRAINED, read_heartbeat
 from robovqa_ft.core.text import duration
 from robovqa_ft.training.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
 
@@ -153,7 +153,7 @@ def evaluation_state(run_dir: Path) -> str:
     if (run_dir / "eval.json").exists():
         return "done"
     # robovqa_ft.evaluation.journal: a header, one line a batch
-    progress = run_dir / "eval_progress.jsonl"
+    progress = run_dir / PROGRESS_FILE
     try:
         batches = max(len(progress.read_bytes().splitlines()) - 1, 0)
     except OSError:

@@ -114,14 +114,14 @@ def run_torchrun(processes: int, threads: int, run: dict) -> int:
 def _worker() -> None:
     """One torchrun worker: rank 0 logs what one process would; the others only warnings."""
     _die_with_parent(signal.SIGKILL)  # torchrun's workers run in sessions of their own
-    from robovqa_ft.core.logs import FORMAT, PACKAGE_LOGGER
+    from robovqa_ft.core.logs import PACKAGE_LOGGER, line_format
     from robovqa_ft.training.ranks import world
     from robovqa_ft.training.train import train_run
 
     rank = world().rank
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s" if rank else FORMAT,
+        format=line_format(rank),
     )
     logging.captureWarnings(True)
     run = json.loads(sys.argv[1])

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from training_helpers import csv_rows, run_settings
 
-from robovqa_ft.core.logs import ATTEMPT_START, FORMAT, PACKAGE_LOGGER
+from robovqa_ft.core.logs import ATTEMPT_START, FORMAT, PACKAGE_LOGGER, line_format
 from robovqa_ft.core.runs import HEARTBEAT
 from robovqa_ft.tools.status import (
     FAILED,
@@ -221,10 +221,14 @@ def test_the_status_command_reads_only_without_torch_or_the_lock(finished):
 
 
 def test_a_worker_ranks_error_line_counts_as_the_jobs_error(tmp_path):
-    """torchrun's workers above rank 0 write "rank N" before the level (launch.py)."""
+    """torchrun's workers above rank 0 log with "rank N" before the level (launch.py)."""
+    worker = logging.Formatter(line_format(1))
+    failed = logging.LogRecord(PACKAGE_LOGGER, logging.ERROR, __file__, 1, "rank 1 failed",
+                               None, None)  # fmt: skip
     job_log = tmp_path / "job.log"
     job_log.write_text(
         "2026-12-02 10:00:00,000 INFO robovqa_ft.training.train: Training with 2 processes\n"
-        "2026-12-02 10:05:00,000 rank 1 ERROR robovqa_ft: rank 1 failed\n"
+        + worker.format(failed)
+        + "\n"
     )
     assert last_attempt_error(job_log) == "rank 1 failed"

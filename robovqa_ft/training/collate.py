@@ -1,7 +1,11 @@
-"""Collation: a micro-batch of built samples into model inputs, padded to its longest
-(`longest`, `grouped`) or packed end to end in one row (`packed`), with the counters the
-metrics read (samples, real and computed tokens, dropped turns, skipped samples) and the
-flat positions whose next token is predicted (the loss's)."""
+"""Collation: a micro-batch of built samples, or of stage 1's trees (`trees.py`), into
+model inputs, padded to its longest (`longest`, `grouped`) or packed end to end in one
+row (`packed`), with the counters the metrics read (questions, trees, real and computed
+tokens, prefix tokens saved, dropped turns, skipped samples) and the flat positions whose
+next token is predicted (the loss's). Rows of more than one causal sequence (trees,
+packed rows) get their 4-D visibility mask from `attention.visibility`, the one place
+that builds masks.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,17 @@ from typing import Any
 
 import torch
 
+from robovqa_ft.training.attention import BRANCH, REAL, visibility
 from robovqa_ft.training.samples import IGNORE_INDEX
 
 # Beside the model inputs, a collated batch holds what the training step reads of it, made
 # here on the CPU: read back from the GPU, each would make the host wait for the step. The
-# counts are Python ints, which the Trainer leaves on the host.
-COUNTERS = ("samples", "dropped_turns", "skipped_samples", "real_tokens", "computed_tokens")
+# counts are Python ints, which the Trainer leaves on the host. `samples` counts questions
+# (a tree holds several).
+COUNTERS = ("samples", "dropped_turns", "skipped_samples", "real_tokens", "computed_tokens",
+            "trees", "prefix_tokens_saved")  # fmt: skip
+# What a built sample or tree counts of itself, summed into the counters.
+SAMPLE_COUNTS = ("dropped_turns", "questions", "prefix_tokens_saved")
 
 
 # `predicting_positions` of the labels, where the loss runs the head (`labelled_token_losses`).
@@ -24,8 +33,9 @@ PREDICTING = "predicting_positions"
 
 
 def split_counters(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
-    """(the model inputs, the counters) of a collated batch; its `PREDICTING` positions
-    are in neither."""
+    """(the inputs, the counters) of a collated batch; its `PREDICTING` positions are in
+    neither. The inputs keep the layout's keys (`BRANCH`, `REAL`), which
+    `attention.model_inputs` turns into the model's."""
     inputs = {k: v for k, v in batch.items() if k not in (*COUNTERS, PREDICTING)}
     return inputs, {k: batch[k] for k in COUNTERS}
 
@@ -42,13 +52,27 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
 PADDING = ("longest", "grouped", "packed")
 
 
-def collator(padding: str, pad_token_id: int) -> Callable[[list[dict | None]], dict[str, Any]]:
+def collator(
+    padding: str, pad_token_id: int, attention: str = "sdpa"
+) -> Callable[[list], dict[str, Any]]:
     """The training collator: "longest" and "grouped" pad (grouping is the sampler's
-    part), "packed" lays the samples end to end."""
+    part), "packed" lays the samples end to end. Flash-attention takes no 4-D mask: its
+    packed rows are kept apart by their position ids alone (its varlen kernel)."""
     if padding not in PADDING:
         raise ValueError(f"padding {padding!r} is not one of {PADDING}")
-    layout = pack_batch if padding == "packed" else pad_batch
-    return partial(layout, pad_token_id=pad_token_id)
+    if padding == "packed":
+        return partial(pack_batch, pad_token_id=pad_token_id,
+                       masked=not attention.startswith("flash"))  # fmt: skip
+    return partial(pad_batch, pad_token_id=pad_token_id)
+
+
+def _flattened(items: list) -> list[dict | None]:
+    """A micro-batch's samples: a stage-1 clip's item (`trees.ClipTrees`) is a list of
+    trees, laid out one by one."""
+    flat: list[dict | None] = []
+    for item in items:
+        flat += item if isinstance(item, list) else [item]
+    return flat
 
 
 def _present(samples: list[dict | None], pad_token_id: int) -> list[dict]:
@@ -65,32 +89,38 @@ def _present(samples: list[dict | None], pad_token_id: int) -> list[dict]:
 
 
 def _counters(batch: dict[str, Any], samples: list[dict], real: int, given: int) -> dict[str, Any]:
-    batch["samples"] = real  # a packed row holds several; the stand-in none
+    trees = [s for s in samples[:real] if BRANCH in s]  # the stand-in is neither
+    batch["samples"] = sum(s.get("questions", 1) for s in samples[:real])
+    batch["trees"] = len(trees)
+    batch["prefix_tokens_saved"] = sum(s["prefix_tokens_saved"] for s in trees)
     batch["dropped_turns"] = sum(s["dropped_turns"] for s in samples)
     batch["skipped_samples"] = given - real  # not even one answer fit
-    computed = batch["input_ids"].numel()
-    mask = batch.get("attention_mask")  # a packed row has none: every token is a sample's
-    batch["real_tokens"] = int(mask.sum()) if mask is not None else computed
-    batch["computed_tokens"] = computed
+    batch["real_tokens"] = sum(len(s["input_ids"]) for s in samples)
+    batch["computed_tokens"] = batch["input_ids"].numel()
     if "labels" in batch:  # a generation prompt has none
         batch[PREDICTING] = predicting_positions(batch["labels"])
     return batch
 
 
-def pack_batch(samples: list[dict | None], pad_token_id: int = 0) -> dict[str, Any]:
+def pack_batch(
+    samples: list, pad_token_id: int = 0, masked: bool = True
+) -> dict[str, Any]:
     """Padding-free: the micro-batch as one row with no padding at all.
 
-    Position ids restart at 0 for each sample and there is no attention mask: from that,
-    transformers keeps the samples apart (flash-attention's varlen kernel, or a block
-    mask for SDPA and eager), so each sample's logits are those it has alone. Each
-    sample's first label is ignored, so no sample learns to predict the next one's start.
-    Only for 1-D rotary positions (InternVL; Qwen-VL's 3-D positions are not rebuilt here).
+    Each sample or tree keeps its own positions (restarting at 0) and, `masked`, sees only
+    itself through the 4-D visibility mask (a packed row of trees is trees end to end);
+    unmasked (flash-attention), transformers keeps the samples apart from the restarting
+    positions. Each sample's first label is ignored, so no sample learns to predict the
+    next one's start. Only for 1-D rotary positions (InternVL).
     """
+    samples = _flattened(samples)
     given, real = len(samples), sum(s is not None for s in samples)
     samples = _present(samples, pad_token_id)
+    if not masked and any(BRANCH in s for s in samples):
+        raise ValueError("a tree needs a 4-D attention mask, which flash-attention cannot take")
     batch: dict[str, Any] = {}
     for key, first in samples[0].items():
-        if key in ("dropped_turns", "attention_mask"):
+        if key in (*SAMPLE_COUNTS, "attention_mask", "position_ids", BRANCH):
             continue
         batch[key] = torch.cat([s[key] for s in samples])
         if first.dim() == 1:  # per token: one row
@@ -99,23 +129,33 @@ def pack_batch(samples: list[dict | None], pad_token_id: int = 0) -> dict[str, A
     for row in labels:
         row[0] = IGNORE_INDEX
     batch["labels"] = torch.cat(labels)[None]
-    batch["position_ids"] = torch.cat([torch.arange(len(s["input_ids"])) for s in samples])[None]
+    batch["position_ids"] = torch.cat([s.get("position_ids", torch.arange(len(s["input_ids"])))
+                                       for s in samples])[None]  # fmt: skip
+    if masked:
+        segment = torch.cat([torch.full((len(s["input_ids"]),), i) for i, s in enumerate(samples)])
+        branch = torch.cat([s.get(BRANCH, torch.zeros(len(s["input_ids"]), dtype=torch.long))
+                            for s in samples])[None]  # fmt: skip
+        real_mask = torch.ones_like(branch, dtype=torch.bool)
+        batch["attention_mask"] = visibility(segment[None], branch, real_mask)
+        batch[BRANCH], batch[REAL] = branch, real_mask
     # With a KV cache (on by default in eval mode), transformers does not look for packed
     # samples and lets them attend to each other: silently wrong logits.
     batch["use_cache"] = False
     return _counters(batch, samples, real, given)
 
 
-def pad_batch(samples: list[dict | None], pad_token_id: int, side: str = "right") -> dict[str, Any]:
+def pad_batch(samples: list, pad_token_id: int, side: str = "right") -> dict[str, Any]:
     """Pad token sequences (right for training, left for generation); concatenate the
-    visual inputs (tiles in prompt order)."""
+    visual inputs (tiles in prompt order). Trees (one a row) get their 4-D visibility mask
+    and their own positions; plain samples the usual 2-D padding mask."""
+    samples = _flattened(samples)
     given, real = len(samples), sum(s is not None for s in samples)
     samples = _present(samples, pad_token_id)
     length = max(len(s["input_ids"]) for s in samples)
     pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
     batch: dict[str, Any] = {}
     for key, first in samples[0].items():
-        if key == "dropped_turns":
+        if key in SAMPLE_COUNTS:
             continue
         if first.dim() == 1:  # per token
             value = pad_values.get(key, 0)
@@ -130,4 +170,13 @@ def pad_batch(samples: list[dict | None], pad_token_id: int, side: str = "right"
             )
         else:
             batch[key] = torch.cat([s[key] for s in samples])
+    if BRANCH in batch:
+        if side != "right":
+            raise ValueError("trees are for training: right padding only")
+        lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+        real_mask = torch.arange(length)[None] < lengths[:, None]
+        segment = torch.zeros_like(batch[BRANCH])
+        batch["attention_mask"] = visibility(segment, batch[BRANCH], real_mask)
+        batch[REAL] = real_mask
+        batch["use_cache"] = False
     return _counters(batch, samples, real, given)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 
+from robovqa_ft.training.attention import model_inputs
 from robovqa_ft.training.collate import PREDICTING, split_counters
 from robovqa_ft.training.samples import IGNORE_INDEX
 
@@ -38,7 +39,7 @@ def labelled_token_losses(model: Any, batch: dict[str, Any]) -> TokenLosses:
     The full-vocabulary logits of the other positions are never made. The values equal
     the model's own loss terms: the same logits, upcast to fp32 before the softmax.
     """
-    inputs, _ = split_counters(batch)
+    inputs = model_inputs(model, split_counters(batch)[0])
     labels = inputs.pop("labels")
     inputs.setdefault("use_cache", False)  # in eval mode a KV cache is made and thrown away
     flat = batch[PREDICTING]

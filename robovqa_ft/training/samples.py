@@ -187,6 +187,16 @@ class SampleBuilder:
             lengths.append(min(through_last_answer + n * per_frame, self.max_seq_len))
         return lengths
 
+    def shared_tokens(self, rows: list[dict]) -> int:
+        """The leading tokens that `rows` (questions about the same frames) share, their
+        frames included, from their text alone (as `token_lengths`)."""
+        frames = self._frame_count(rows[0])
+        texts = [self._text(row, frames) for row in rows]
+        ids = self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        common = min(len(x) for x in ids)
+        common = next((i for i in range(common) if len({x[i] for x in ids}) > 1), common)
+        return common + frames * self._frame_tokens(rows[0])
+
     def _frame_count(self, row: dict) -> int:
         return len(frame_indices(len(row["images"]), self.max_frames))
 

@@ -15,6 +15,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+from robovqa_ft.training.attention import model_inputs
 from robovqa_ft.training.collate import (
     PREDICTING,
     collator,
@@ -466,7 +467,8 @@ def test_pad_batch_right_pads_and_concatenates_tiles(data, internvl):
     assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"]]))
     counters = split_counters(batch)[1]
     assert counters == {"samples": 2, "dropped_turns": 3, "skipped_samples": 1,  # the None
-                        "real_tokens": long + short, "computed_tokens": 2 * long}  # fmt: skip
+                        "real_tokens": long + short, "computed_tokens": 2 * long, "trees": 0,
+                        "prefix_tokens_saved": 0}  # fmt: skip
     assert_counts_and_positions_stay_on_the_host(batch)
 
 
@@ -550,7 +552,11 @@ def test_pack_batch_lays_samples_end_to_end_with_restarting_positions(data, inte
     batch = pack_batch([a, None, b])
     n_a, n_b = len(a["input_ids"]), len(b["input_ids"])
     assert batch["input_ids"].shape == batch["labels"].shape == (1, n_a + n_b)
-    assert "attention_mask" not in batch
+    mask = batch["attention_mask"][0, 0]  # 4-D: each sample sees itself, causally
+    assert mask.shape == (n_a + n_b, n_a + n_b)
+    assert mask[:n_a, :n_a].equal(torch.ones(n_a, n_a, dtype=torch.bool).tril())
+    assert not mask[n_a:, :n_a].any() and not mask[:n_a, n_a:].any()
+    assert "attention_mask" not in pack_batch([a, b], masked=False)  # flash: positions alone
     assert torch.equal(batch["input_ids"][0], torch.cat([a["input_ids"], b["input_ids"]]))
     positions = batch["position_ids"][0]
     assert torch.equal(positions, torch.cat([torch.arange(n_a), torch.arange(n_b)]))
@@ -560,7 +566,8 @@ def test_pack_batch_lays_samples_end_to_end_with_restarting_positions(data, inte
     assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"]]))
     counters = split_counters(batch)[1]
     assert counters == {"samples": 2, "dropped_turns": 0, "skipped_samples": 1,
-                        "real_tokens": n_a + n_b, "computed_tokens": n_a + n_b}  # fmt: skip
+                        "real_tokens": n_a + n_b, "computed_tokens": n_a + n_b, "trees": 0,
+                        "prefix_tokens_saved": 0}  # fmt: skip
     assert_counts_and_positions_stay_on_the_host(batch)
     padded = pad_batch([a, b], pad_token_id=internvl["processor"].tokenizer.pad_token_id)
     counters = split_counters(padded)[1]
@@ -584,7 +591,7 @@ def test_packed_loss_equals_padded_loss(data, internvl, attention):
 
     def loss_and_grads(batch, **kwargs):
         model.zero_grad()
-        loss = model(**split_counters(batch)[0], **kwargs).loss
+        loss = model(**model_inputs(model, split_counters(batch)[0]), **kwargs).loss
         loss.backward()
         return loss.item(), [p.grad.clone() for p in lora]
 
@@ -598,10 +605,14 @@ def test_packed_loss_equals_padded_loss(data, internvl, attention):
         loss_and_grads(pad_batch(samples, pad_id), num_items_in_batch=1)[0], rel=1e-5
     )
 
-    # The control: one running position sequence lets samples attend to each other.
+    # The controls: one causal mask over the row lets samples attend to each other; one
+    # running position sequence misplaces every sample but the first.
     leaky = pack_batch(samples)
-    leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1])[None]
+    leaky["attention_mask"] = torch.ones_like(leaky["attention_mask"]).tril()[None, None]
     assert loss_and_grads(leaky)[0] != pytest.approx(padded, rel=1e-3)
+    misplaced = pack_batch(samples)
+    misplaced["position_ids"] = torch.arange(misplaced["input_ids"].shape[1])[None]
+    assert loss_and_grads(misplaced)[0] != pytest.approx(padded, rel=1e-3)
 
 
 # --- Qwen2.5-VL samples ---
@@ -645,7 +656,8 @@ def test_a_micro_batch_in_which_nothing_fits_becomes_one_that_teaches_nothing(pa
     batch = collator(padding, pad_token_id=7)([None, None, None])
     inputs, counters = split_counters(batch)
     assert counters == {"samples": 0, "dropped_turns": 0, "skipped_samples": 3,
-                        "real_tokens": 1, "computed_tokens": 1}  # fmt: skip
+                        "real_tokens": 1, "computed_tokens": 1, "trees": 0,
+                        "prefix_tokens_saved": 0}  # fmt: skip
     assert inputs["input_ids"].tolist() == [[7]]
     assert (inputs["labels"] == IGNORE_INDEX).all()
     assert batch[PREDICTING].tolist() == []

@@ -1,0 +1,160 @@
+"""Stage 1's one-pass layout (`stage1.layout: tree`): a clip's questions as one tree.
+
+Every stage-1 question of a clip is asked about the same frames. A tree lays out the
+tokens the clip's encoded questions share once (system prompt, user header, the frames'
+image tokens and any common question text: their longest common prefix), then each
+question's own continuation as a branch. With the visibility mask of `attention.py`
+(each branch sees the prefix and itself, never another branch) and each branch's
+positions continuing from the prefix, every question's logits, loss and gradient are
+those of its separate sample, while the vision tower and the language model run the
+prefix once.
+
+Trees are built from `SampleBuilder.encode`'s samples, so the prompt, the frames and the
+labels are exactly a separate sample's. A clip whose tree would pass `max_seq_len` gets
+several trees, each with the prefix; a question that does not fit alone is skipped, as
+in the separate layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from robovqa_ft.core.files import write_json_atomic
+from robovqa_ft.training import ranks
+from robovqa_ft.training.attention import BRANCH
+from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset
+
+log = logging.getLogger(__name__)
+
+# The layouts of stage 1 (config: stage1.layout); stage 2 has one sample a clip already.
+LAYOUTS = ("tree", "separate")
+
+
+def shared_prefix(samples: list[dict]) -> int:
+    """How many leading tokens a tree of `samples` shares: their longest common prefix,
+    stopped before the first token any of them labels, so that the prefix's last logit
+    predicts no label (each branch predicts its own, from its own tokens)."""
+    ids = [s["input_ids"] for s in samples]
+    shortest = min(len(x) for x in ids)
+    first_label = min(int((s["labels"] != IGNORE_INDEX).nonzero()[0, 0]) for s in samples)
+    stack = torch.stack([x[:shortest] for x in ids])
+    differs = (stack != stack[0]).any(dim=0).nonzero()
+    common = int(differs[0, 0]) if len(differs) else shortest
+    return min(common, first_label)
+
+
+def build_tree(samples: list[dict]) -> dict[str, Any]:
+    """One tree of the encoded questions of one clip (their frames the same): per-token
+    tensors as prefix then branches, the visual inputs once, `position_ids` continuing
+    from the prefix in each branch, `BRANCH` (0 the prefix, k the k-th question), and
+    counts: `questions`, `dropped_turns` and `prefix_tokens_saved`."""
+    prefix = shared_prefix(samples)
+    length = len(samples[0]["input_ids"])
+    tree: dict[str, Any] = {}
+    for key, first in samples[0].items():
+        if key == "dropped_turns":
+            continue
+        if first.dim() == 1 and len(first) == length:  # per token
+            tree[key] = torch.cat([first[:prefix], *(s[key][prefix:] for s in samples)])
+        else:  # the frames: the same in every sample
+            tree[key] = first
+    branches = [len(s["input_ids"]) - prefix for s in samples]
+    tree["position_ids"] = torch.cat(
+        [torch.arange(prefix), *(torch.arange(prefix, prefix + n) for n in branches)]
+    )
+    tree[BRANCH] = torch.cat(
+        [torch.zeros(prefix, dtype=torch.long),
+         *(torch.full((n,), k + 1) for k, n in enumerate(branches))]
+    )  # fmt: skip
+    tree["questions"] = len(samples)
+    tree["dropped_turns"] = sum(s["dropped_turns"] for s in samples)
+    tree["prefix_tokens_saved"] = prefix * (len(samples) - 1)
+    return tree
+
+
+def clip_trees(samples: list[dict | None], max_seq_len: int) -> list[dict | None]:
+    """The trees of one clip's encoded questions, in order, each at most `max_seq_len`
+    tokens (a question is added to the current tree while the tree still fits, else it
+    opens the next); a None (a question whose first answer does not fit) stays a None,
+    counted as skipped by the collator."""
+    trees: list[dict | None] = [None] * sum(s is None for s in samples)
+    group: list[dict] = []
+    for sample in (s for s in samples if s is not None):
+        if group and _tree_length([*group, sample]) > max_seq_len:
+            trees.append(build_tree(group))
+            group = []
+        group.append(sample)
+    if group:
+        trees.append(build_tree(group))
+    return trees
+
+
+def _tree_length(samples: list[dict]) -> int:
+    prefix = shared_prefix(samples)
+    return prefix + sum(len(s["input_ids"]) - prefix for s in samples)
+
+
+class ClipTrees(Dataset):
+    """A stage-1 JSONL file by clip: item `i` is the trees of the i-th clip (first seen
+    order in the file); a tuple of clip indices (a micro-batch, `steps.ClipStepSampler`)
+    gives all their trees. `questions` counts each clip's lines."""
+
+    def __init__(self, dataset: JsonlDataset):
+        self.dataset = dataset
+        by_clip: dict[str, list[int]] = {}
+        for index, row in enumerate(dataset.rows()):
+            by_clip.setdefault(row["video_id"], []).append(index)
+        self.clips = list(by_clip)
+        self.members = list(by_clip.values())
+        self.questions = [len(m) for m in self.members]
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def rows(self, clip: int) -> list[dict]:
+        return [self.dataset.row(i) for i in self.members[clip]]
+
+    def __getitem__(self, clips: int | tuple[int, ...]) -> list[dict | None]:
+        if isinstance(clips, int):
+            clips = (clips,)
+        builder = self.dataset.builder
+        trees: list[dict | None] = []
+        for clip in clips:
+            samples = [builder.encode(row) for row in self.rows(clip)]
+            trees += clip_trees(samples, builder.max_seq_len)
+        return trees
+
+    def token_counts(self) -> list[int]:
+        """Each clip's tokens as trees, from the text alone: its questions' lengths
+        (`SampleBuilder.token_lengths`) less what they share (`SampleBuilder.
+        shared_tokens`) for all but one. For balancing micro-batches: it ignores the
+        split of a tree longer than `max_seq_len`, where an estimate serves."""
+        lengths = self.dataset.token_lengths()
+        counts = []
+        for members in self.members:
+            total = sum(lengths[i] for i in members)
+            if len(members) > 1:
+                shared = self.dataset.builder.shared_tokens([self.dataset.row(i) for i in members])
+                total -= shared * (len(members) - 1)
+            counts.append(total)
+        return counts
+
+
+def measured_token_counts(trees: ClipTrees, checkpoint_dir: Path, current: str) -> list[int]:
+    """`ClipTrees.token_counts`, measured once per run by rank 0 and kept beside its
+    checkpoints (as the separate layout's token lengths for grouping)."""
+    path = checkpoint_dir / f"tree_tokens-{current[:16]}.json"
+    if ranks.world().is_main and not path.exists():
+        log.info("Measuring %d clips' tokens as trees, to balance micro-batches", len(trees))
+        write_json_atomic(path, trees.token_counts())
+        for old in checkpoint_dir.glob("tree_tokens-*.json"):
+            if old != path:
+                old.unlink()
+    ranks.barrier()
+    return json.loads(path.read_text())

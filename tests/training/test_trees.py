@@ -1,0 +1,201 @@
+"""Stage 1's one-pass layout: each question's loss and gradient from a tree are its separate
+sample's, on the tiny InternVL (1-D positions) and tiny Qwen2.5-VL / Qwen3-VL (3-D), fp32.
+
+The controls that make these tests able to fail were run by breaking the code on purpose:
+a mask that lets branches see each other (`attention.visibility` without its branch
+term), and branch positions that run on instead of continuing from the prefix; each
+made the equality tests below fail (see docs/performance.md, "One clip, one pass").
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robovqa_ft.training.attention import BRANCH, model_inputs
+from robovqa_ft.training.collate import collator, split_counters
+from robovqa_ft.training.loss import labelled_token_losses
+from robovqa_ft.training.model import attach_lora, load_model, load_processor, model_family
+from robovqa_ft.training.samples import IGNORE_INDEX, SampleBuilder
+from robovqa_ft.training.trees import build_tree, clip_trees, shared_prefix
+
+QUESTIONS = [
+    ("put cup Q: satisfied?", "yes"),
+    ("Q: what just happened?", "pick up the cup"),
+    ("Q: what just happened? satisfied?", "no"),
+    ("put cup Q: what just happened?", "put the cup"),
+]
+
+
+def clip_rows(images: list[str], video_id: str, count: int) -> list[dict]:
+    return [
+        {"id": f"{video_id}-{k}", "video_id": video_id, "images": images,
+         "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+        for k, (q, a) in enumerate(QUESTIONS[:count])
+    ]  # fmt: skip
+
+
+def lora_that_acts(model) -> list[torch.Tensor]:
+    """The LoRA weights, drawn at random: LoRA starts as a no-op, whose gradients say little."""
+    lora = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora:
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return lora
+
+
+@pytest.fixture(scope="module")
+def internvl(tiny_setup) -> dict:
+    processor = load_processor(tiny_setup["model"])
+    builder = SampleBuilder(processor, model_family(tiny_setup["model"]), tiny_setup["images"],
+                            4, 512)  # fmt: skip
+    images = [f"train-000/{i:02d}.jpg" for i in range(16)]
+    other = [f"train-001/{i:02d}.jpg" for i in range(16)]
+    clips = [clip_rows(images, "train-000", 3), clip_rows(other, "train-001", 4),
+             clip_rows(images, "train-002", 1), clip_rows(other, "train-003", 2)]  # fmt: skip
+    models = {}
+    for attention in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        model = attach_lora(load_model(tiny_setup["model"], "none", "float32", attention, False),
+                            8, 16, 0.0)  # fmt: skip
+        lora_that_acts(model)
+        models[attention] = model.eval()
+    return {"builder": builder, "clips": clips, "models": models,
+            "pad": processor.tokenizer.pad_token_id}  # fmt: skip
+
+
+def question_sums(model, batch: dict) -> list[float]:
+    """Each question's summed loss, in the batch's order: a stage-1 question has one
+    answer, so each unbroken run of labelled tokens in a row is one question."""
+    losses = labelled_token_losses(model, batch)
+    sums: list[float] = []
+    last = (-1, -1)
+    for row, position, loss in zip(losses.rows.tolist(), losses.positions.tolist(),
+                                   losses.losses.tolist(), strict=True):  # fmt: skip
+        if (row, position - 1) != last:
+            sums.append(0.0)
+        sums[-1] += loss
+        last = (row, position)
+    return sums
+
+
+def separate_sums(model, builder, clips, pad) -> list[float]:
+    samples = [builder.encode(row) for rows in clips for row in rows]
+    with torch.no_grad():
+        return question_sums(model, collator("longest", pad)(samples))
+
+
+def tree_items(builder, clips) -> list[list]:
+    return [clip_trees([builder.encode(row) for row in rows], builder.max_seq_len)
+            for rows in clips]  # fmt: skip
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_each_questions_loss_from_a_padded_batch_of_trees_is_its_separate_samples(
+    internvl, attention
+):
+    model, builder = internvl["models"][attention], internvl["builder"]
+    expected = separate_sums(model, builder, internvl["clips"], internvl["pad"])
+    batch = collator("longest", internvl["pad"])(tree_items(builder, internvl["clips"]))
+    assert batch["attention_mask"].dim() == 4 and batch["input_ids"].shape[0] == 4  # padded
+    with torch.no_grad():
+        got = question_sums(model, batch)
+    assert len(got) == len(expected) == 10
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+def test_each_questions_loss_from_a_packed_row_of_trees_is_its_separate_samples(internvl):
+    model, builder = internvl["models"]["sdpa"], internvl["builder"]
+    expected = separate_sums(model, builder, internvl["clips"], internvl["pad"])
+    batch = collator("packed", internvl["pad"])(tree_items(builder, internvl["clips"]))
+    assert batch["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        got = question_sums(model, batch)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+def test_lora_gradients_of_a_tree_step_are_the_separate_steps(internvl):
+    model, builder = internvl["models"]["sdpa"], internvl["builder"]
+    model.train()
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients(batch) -> list[torch.Tensor]:
+        model.zero_grad()
+        losses = labelled_token_losses(model, batch).losses
+        (losses.sum() / len(losses)).backward()
+        return [p.grad.clone() for p in lora]
+
+    samples = [builder.encode(row) for rows in internvl["clips"] for row in rows]
+    try:
+        separate = gradients(collator("longest", internvl["pad"])(samples))
+        tree = gradients(collator("longest", internvl["pad"])(tree_items(builder,
+                                                                         internvl["clips"])))
+    finally:
+        model.eval()
+    assert any(g.abs().max() > 0 for g in separate)
+    for a, b in zip(tree, separate, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_branches_never_see_each_other(internvl):
+    """Changing one branch's tokens changes its own logits and no other branch's."""
+    model, builder = internvl["models"]["sdpa"], internvl["builder"]
+    (tree,) = tree_items(builder, [internvl["clips"][1]])[0:1][0]
+    changed = {k: v.clone() if torch.is_tensor(v) else v for k, v in tree.items()}
+    in_second = (tree[BRANCH] == 2).nonzero().squeeze(1)
+    changed["input_ids"][in_second[1:]] = tree["input_ids"][0]  # all but its first token
+
+    def logits(item) -> torch.Tensor:
+        batch = collator("longest", internvl["pad"])([[item]])
+        with torch.no_grad():
+            return model(**model_inputs(model, split_counters(batch)[0])).logits[0]
+
+    before, after = logits(tree), logits(changed)
+    for branch in (0, 1, 3, 4):
+        where = tree[BRANCH] == branch
+        torch.testing.assert_close(after[where], before[where], rtol=0, atol=0)
+    assert not torch.allclose(after[tree[BRANCH] == 2], before[tree[BRANCH] == 2])
+
+
+def test_each_branch_cut_back_out_of_its_tree_is_the_separate_sample(internvl):
+    builder = internvl["builder"]
+    for rows in internvl["clips"]:
+        samples = [builder.encode(row) for row in rows]
+        (tree,) = clip_trees(samples, builder.max_seq_len)
+        prefix = shared_prefix(samples)
+        assert tree["questions"] == len(rows)
+        assert tree["prefix_tokens_saved"] == prefix * (len(rows) - 1)
+        for k, sample in enumerate(samples, start=1):
+            cut = (tree[BRANCH] == 0) | (tree[BRANCH] == k)
+            for key in ("input_ids", "labels"):
+                assert torch.equal(tree[key][cut], sample[key])
+            assert torch.equal(tree["position_ids"][cut], torch.arange(len(sample["input_ids"])))
+            assert torch.equal(tree["pixel_values"], sample["pixel_values"])
+        # the prefix holds every frame and stops before any label
+        assert (tree["labels"][:prefix] == IGNORE_INDEX).all()
+
+
+def test_a_clip_with_one_question_gives_exactly_its_separate_sample(internvl):
+    builder = internvl["builder"]
+    (sample,) = [builder.encode(row) for row in internvl["clips"][2]]
+    tree = build_tree([sample])
+    for key in ("input_ids", "labels", "attention_mask", "pixel_values"):
+        assert torch.equal(tree[key], sample[key])
+    assert torch.equal(tree["position_ids"], torch.arange(len(sample["input_ids"])))
+    assert tree["prefix_tokens_saved"] == 0 and tree["questions"] == 1
+
+
+def test_a_tree_longer_than_max_seq_len_splits_with_the_prefix_in_each(internvl):
+    builder = internvl["builder"]
+    samples = [builder.encode(row) for row in internvl["clips"][1]]  # 4 questions
+    prefix = shared_prefix(samples)
+    whole = build_tree(samples)
+    limit = len(whole["input_ids"]) - 1
+    trees = clip_trees(samples, limit)
+    assert len(trees) == 2 and all(len(t["input_ids"]) <= limit for t in trees)
+    assert sum(t["questions"] for t in trees) == 4
+    for tree in trees:
+        assert torch.equal(tree["input_ids"][:prefix], samples[0]["input_ids"][:prefix])
+    # a question that cannot fit alone stays skipped, as in the separate layout
+    assert clip_trees([None, samples[0]], builder.max_seq_len)[0] is None

@@ -608,7 +608,7 @@ def test_packed_loss_equals_padded_loss(data, internvl, attention):
     # The controls: one causal mask over the row lets samples attend to each other; one
     # running position sequence misplaces every sample but the first.
     leaky = pack_batch(samples)
-    leaky["attention_mask"] = torch.ones_like(leaky["attention_mask"]).tril()[None, None]
+    leaky["attention_mask"] = torch.ones_like(leaky["attention_mask"]).tril()
     assert loss_and_grads(leaky)[0] != pytest.approx(padded, rel=1e-3)
     misplaced = pack_batch(samples)
     misplaced["position_ids"] = torch.arange(misplaced["input_ids"].shape[1])[None]

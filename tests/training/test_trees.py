@@ -11,11 +11,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_samples import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+)
 
 from robovqa_ft.training.attention import BRANCH, model_inputs
 from robovqa_ft.training.collate import collator, split_counters
 from robovqa_ft.training.loss import labelled_token_losses
-from robovqa_ft.training.model import attach_lora, load_model, load_processor, model_family
+from robovqa_ft.training.model import FAMILIES, attach_lora, load_model, load_processor, model_family
 from robovqa_ft.training.samples import IGNORE_INDEX, SampleBuilder
 from robovqa_ft.training.trees import build_tree, clip_trees, shared_prefix
 
@@ -199,3 +212,84 @@ def test_a_tree_longer_than_max_seq_len_splits_with_the_prefix_in_each(internvl)
         assert torch.equal(tree["input_ids"][:prefix], samples[0]["input_ids"][:prefix])
     # a question that cannot fit alone stays skipped, as in the separate layout
     assert clip_trees([None, samples[0]], builder.max_seq_len)[0] is None
+
+
+# --- Qwen2.5-VL and Qwen3-VL: 3-D rotary positions ---
+
+QWEN = {
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                   14, {"rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}),
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
+                 16, {"rope_scaling": {"rope_type": "default", "mrope_section": [2, 1, 1]}}),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(QWEN))
+def qwen(request, tiny_setup) -> dict:
+    """A tiny Qwen-VL of each family with its vision tower, and its processor (frames of
+    2×2 merged tokens)."""
+    family = request.param
+    config_class, model_class, processor_class, patch, rope = QWEN[family]
+    texts = [q for q, _ in QUESTIONS] + [a for _, a in QUESTIONS]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")  # fmt: skip
+    side = 2 * patch * 2  # 2×2 merged tokens a frame
+    pixels = {"min_pixels": side * side, "max_pixels": side * side, "patch_size": patch}
+    processor = processor_class(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=fast,
+                                video_processor=Qwen2VLVideoProcessor(**pixels),
+                                chat_template=QWEN_CHAT_TEMPLATE)  # fmt: skip
+    ids = {name: fast.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = {"vocab_size": len(fast), "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 8, **rope}  # fmt: skip
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+              "out_hidden_size": 32, "patch_size": patch, "spatial_merge_size": 2,
+              "temporal_patch_size": 2}  # fmt: skip
+    if family == "qwen3_vl":
+        vision["deepstack_visual_indexes"] = [0]
+    torch.manual_seed(0)
+    model = model_class(config_class(text_config=text, vision_config=vision, **ids))
+    model = attach_lora(model.float(), 8, 16, 0.0)
+    lora_that_acts(model)
+    builder = SampleBuilder(processor, FAMILIES[family], tiny_setup["images"], 4, 512)
+    images = [f"train-000/{i:02d}.jpg" for i in range(16)]
+    other = [f"train-001/{i:02d}.jpg" for i in range(16)]
+    clips = [clip_rows(images, "train-000", 3), clip_rows(other, "train-001", 2),
+             clip_rows(images, "train-002", 1)]  # fmt: skip
+    return {"model": model.eval(), "builder": builder, "clips": clips,
+            "pad": fast.pad_token_id}  # fmt: skip
+
+
+def test_qwen_each_questions_loss_from_trees_is_its_separate_samples(qwen):
+    model, builder = qwen["model"], qwen["builder"]
+    expected = separate_sums(model, builder, qwen["clips"], qwen["pad"])
+    batch = collator("longest", qwen["pad"])(tree_items(builder, qwen["clips"]))
+    with torch.no_grad():
+        got = question_sums(model, batch)
+    assert len(got) == len(expected) == 6
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+def test_qwen_branch_positions_continue_after_the_prefixs_largest(qwen):
+    """A branch's three position rows start at the prefix's largest position + 1, as
+    `get_rope_index` places the text after the frames of its separate sample."""
+    model, builder = qwen["model"], qwen["builder"]
+    (tree,) = tree_items(builder, qwen["clips"][:1])[0]
+    batch = collator("longest", qwen["pad"])([[tree]])
+    positions = model_inputs(model, split_counters(batch)[0])["position_ids"][:, 0]
+    assert positions.shape[0] == 3
+    prefix = tree[BRANCH] == 0
+    top = positions[:, prefix].max()
+    for branch in (1, 2, 3):
+        where = (tree[BRANCH] == branch).nonzero().squeeze(1)
+        expected = top + 1 + torch.arange(len(where))
+        for row in positions:
+            assert torch.equal(row[where], expected)

@@ -30,6 +30,11 @@ SCHEMA = "config/schema.yaml"  # in the workflow's folder
 FAMILY_PACKS = {"internvl": True, "qwen2_5_vl": False, "qwen3_vl": False}
 TINY_FAMILY = "internvl"  # model.name "tiny": the InternVL the workflow builds
 FOLDER_PREFIXES = ("/", "./", "../", "~")  # a model.name starting so is a folder, not a hub id
+# stage1.layout: a clip's questions as one tree (one pass over its frames), or each
+# question its own sample (the seed recipe's). Stage 2 has one sample a clip already.
+LAYOUTS = ("tree", "separate")
+# The attention kernels that take a tree's 4-D mask (flash-attention cannot express one).
+TREE_ATTENTION = ("sdpa", "eager")
 # training.report_to beyond tensorboard (which needs nothing more): the Trainer's own
 # integrations, by the module each needs. One not installed would fail only once the
 # training job has loaded its model.
@@ -189,6 +194,13 @@ def cross_key_errors(config: dict) -> Iterator[str]:
                 f"{stage}.grad_accum = {accum} does not divide over training.gpus = {gpus}: "
                 "the global batch (batch_size × grad_accum) stays the same on any GPU count"
             )
+    if config["stage2"].get("layout", "separate") != "separate":
+        yield ("stage2.layout = 'tree': stage 2 has one sample a clip already; only stage1 "
+               "takes the tree layout")  # fmt: skip
+    problem = tree_attention_problem(config["stage1"].get("layout", "separate"),
+                                     config["model"]["attn_implementation"])  # fmt: skip
+    if problem:
+        yield problem
     for name in config["training"]["report_to"]:
         module = INTEGRATION_MODULES.get(name)
         if module and importlib.util.find_spec(module) is None:
@@ -211,6 +223,15 @@ def cross_key_errors(config: dict) -> Iterator[str]:
             f"training.padding = 'packed' needs 1-D rotary positions ({', '.join(packing)}); "
             f"model.name = {shown(model['name'])} is {family}: use 'grouped' instead"
         )
+
+
+def tree_attention_problem(layout: str, attention: str) -> str | None:
+    """Why `attention` cannot run stage 1's `layout`, or None."""
+    if layout == "tree" and attention not in TREE_ATTENTION:
+        return (f"stage1.layout = 'tree' needs an attention kernel that takes a 4-D mask "
+                f"({', '.join(TREE_ATTENTION)}); model.attn_implementation is {attention}: "
+                "use sdpa, or stage1.layout = 'separate'")  # fmt: skip
+    return None
 
 
 def model_type(name: str, revision: str | None = None) -> tuple[str | None, str | None]:

@@ -119,8 +119,9 @@ def evaluate_run(
     loss_records, losses = [], {}
     for stage, path in val_jsonl.items():
         dataset = JsonlDataset(path, builder(stage), clips=clips)
+        trees = stages[stage].get("layout") == "tree"
         records = sample_losses(net, dataset, f"{stage}_val", evaluation["batch_size"],
-                                pad_id, workers, dtype, journal)  # fmt: skip
+                                pad_id, workers, dtype, journal, trees)  # fmt: skip
         loss_records += records
         losses[f"{stage}_val"] = loss_summary(records) | {"clips": len(clips)}
         log.info("%s %s val loss %.4f", run, stage, losses[f"{stage}_val"]["loss"])

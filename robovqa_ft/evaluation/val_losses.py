@@ -12,13 +12,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from robovqa_ft.evaluation.journal import Journal
+from robovqa_ft.training.attention import BRANCH
 from robovqa_ft.training.collate import pad_batch
-from robovqa_ft.training.loss import labelled_token_losses, turn_sums
+from robovqa_ft.training.loss import TokenLosses, labelled_token_losses, turn_sums
 from robovqa_ft.training.model import (
     on_device,
     training_precision,
 )
-from robovqa_ft.training.samples import JsonlDataset
+from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset
+from robovqa_ft.training.trees import clip_trees
 
 LOSS_REDUCTION = (
     "token-level mean: the summed cross-entropy of every assistant token (the answers and "
@@ -27,28 +29,42 @@ LOSS_REDUCTION = (
 
 
 class _LossSamples(Dataset):
-    """Val samples with what their turns are, for per-sample losses."""
+    """Val samples with what their turns are, for per-sample losses: one an item, or, as
+    `trees`, one clip's an item (`trees.clip_trees`: their losses are the same)."""
 
-    def __init__(self, dataset: JsonlDataset, indices: list[int]):
-        self.dataset, self.indices = dataset, indices
+    def __init__(self, dataset: JsonlDataset, indices: list[int], trees: bool = False):
+        self.dataset, self.trees = dataset, trees
+        groups: dict[str, list[int]] = {}
+        for index in indices:
+            key = dataset.row(index)["video_id"] if trees else str(index)
+            groups.setdefault(key, []).append(index)
+        self.groups = list(groups.values())
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.groups)
 
-    def __getitem__(self, index: int) -> tuple[dict, dict | None]:
-        row = self.dataset.row(self.indices[index])
-        tasks = row.get("tasks", [row["task"]])
-        kinds = row.get("answer_types", [row.get("answer_type", "freeform")])
-        about = {"id": row["id"], "video_id": row["video_id"], "tasks": tasks, "kinds": kinds}
-        return about, self.dataset.builder.encode(row)
+    def __getitem__(self, index: int) -> tuple[list[dict], list[dict], list[dict]]:
+        """(the descriptions of the item's samples that fit, of those skipped, and the
+        built samples, or trees, of the first)."""
+        present, skipped, samples = [], [], []
+        for row in (self.dataset.row(i) for i in self.groups[index]):
+            tasks = row.get("tasks", [row["task"]])
+            kinds = row.get("answer_types", [row.get("answer_type", "freeform")])
+            about = {"id": row["id"], "video_id": row["video_id"], "tasks": tasks, "kinds": kinds}
+            sample = self.dataset.builder.encode(row)
+            (skipped if sample is None else present).append(about)
+            samples += [] if sample is None else [sample]
+        if self.trees and samples:
+            samples = clip_trees(samples, self.dataset.builder.max_seq_len)
+        return present, skipped, samples
 
 
-def _loss_batch(items: list[tuple[dict, dict | None]], pad_id: int) -> tuple[list, list, Any]:
+def _loss_batch(items: list[tuple], pad_id: int) -> tuple[list, list, Any]:
     """(the samples' descriptions, those skipped, the padded batch of the rest or None)."""
-    present = [(about, s) for about, s in items if s is not None]
-    skipped = [about for about, s in items if s is None]
-    batch = pad_batch([s for _, s in present], pad_id) if present else None
-    return [about for about, _ in present], skipped, batch
+    present = [about for group, _, _ in items for about in group]
+    skipped = [about for _, group, _ in items for about in group]
+    samples = [sample for _, _, group in items for sample in group]
+    return present, skipped, pad_batch(samples, pad_id) if samples else None
 
 
 def sample_losses(
@@ -60,13 +76,17 @@ def sample_losses(
     workers: int,
     dtype: str,
     journal: Journal,
+    trees: bool = False,
 ) -> list[dict]:
     """Each sample's loss per answered turn (summed nats and tokens, with the turn's family
     and answer kind), with the training loss at training's precision; samples already in
-    `journal` are taken from it, the others computed and added to it batch by batch."""
+    `journal` are taken from it, the others computed and added to it batch by batch. As
+    `trees` (stage 1's tree layout) a clip's questions are computed in one pass, with the
+    same per-question values; `batch_size` then counts clips."""
     keys = [["loss", val_set, row["id"]] for row in dataset.rows()]
     todo = [i for i, key in enumerate(keys) if key not in journal]
-    loader = DataLoader(_LossSamples(dataset, todo), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(_LossSamples(dataset, todo, trees), batch_size=batch_size,
+                        num_workers=workers,
                         collate_fn=partial(_loss_batch, pad_id=pad_id))  # fmt: skip
     device = next(model.parameters()).device
     with torch.no_grad(), training_precision(dtype):
@@ -74,11 +94,30 @@ def sample_losses(
             records = [_loss_record(val_set, about, []) | {"skipped": True} for about in skipped]
             if batch is not None:
                 batch = on_device(batch, device)
-                turns = turn_sums(labelled_token_losses(model, batch), batch["labels"])
+                turns = question_turns(labelled_token_losses(model, batch), batch)
                 records += [_loss_record(val_set, about, sums)
                             for about, sums in zip(abouts, turns, strict=True)]  # fmt: skip
             journal.append(records)
     return [journal.records[tuple(key)] for key in keys]
+
+
+def question_turns(losses: TokenLosses, batch: dict) -> list[list[tuple[float, int]]]:
+    """Per question, per answer, in order: (summed loss, tokens). A padded row is one
+    question; a tree's row holds one a branch, in branch order (no answer spans two)."""
+    rows = turn_sums(losses, batch["labels"])
+    if BRANCH not in batch:
+        return rows
+    labelled = batch["labels"].cpu() != IGNORE_INDEX
+    starts = labelled.clone()
+    starts[:, 1:] &= ~labelled[:, :-1]
+    branch = batch[BRANCH].cpu()
+    questions = []
+    for row, runs in enumerate(rows):
+        by_branch: dict[int, list] = {}
+        for b, run in zip(branch[row][starts[row]].tolist(), runs, strict=True):
+            by_branch.setdefault(b, []).append(run)
+        questions += [by_branch[b] for b in sorted(by_branch)]
+    return questions
 
 
 def _loss_record(val_set: str, about: dict, sums: list[tuple[float, int]]) -> dict:

@@ -102,9 +102,7 @@ def _counters(batch: dict[str, Any], samples: list[dict], real: int, given: int)
     return batch
 
 
-def pack_batch(
-    samples: list, pad_token_id: int = 0, masked: bool = True
-) -> dict[str, Any]:
+def pack_batch(samples: list, pad_token_id: int = 0, masked: bool = True) -> dict[str, Any]:
     """Padding-free: the micro-batch as one row with no padding at all.
 
     Each sample or tree keeps its own positions (restarting at 0) and, `masked`, sees only

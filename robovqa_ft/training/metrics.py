@@ -1,5 +1,6 @@
-"""The training's own metrics beside the Trainer's: samples, real and computed tokens,
-dropped turns and skipped samples counted from the collated batches, summed over the
+"""The training's own metrics beside the Trainer's: samples (questions), trees and the
+prefix tokens they saved (stage 1's tree layout), real and computed tokens, dropped turns
+and skipped samples counted from the collated batches, summed over the
 processes, added to each log and appended to `train_metrics.csv` (cut back to the resumed
 step on resume, so that a rerun repeats no row)."""
 
@@ -25,7 +26,7 @@ class MetricsLog(TrainerCallback):
 
     TRAIN = ["step", "epoch", "loss", "learning_rate", "grad_norm", "samples", "samples_per_s",
              "tokens_per_s", "real_token_share", "peak_memory_gb", "dropped_turns",
-             "skipped_samples"]  # fmt: skip
+             "skipped_samples", "trees", "prefix_tokens_saved"]  # fmt: skip
     EVAL = ["step", "epoch", "eval_loss", "eval_samples", "eval_tokens"]
 
     def __init__(self, run_dir: Path, resumed_step: int, eval_samples: int):
@@ -36,7 +37,7 @@ class MetricsLog(TrainerCallback):
             if self.writes:
                 _keep_rows_up_to(path, fields, resumed_step)
         self.window_start, self.samples, self.tokens, self.computed = time.monotonic(), 0, 0, 0
-        self.dropped = self.skipped = 0  # per logging window, like samples and tokens
+        self.dropped = self.skipped = self.trees = self.saved = 0  # per logging window
 
     def count(
         self,
@@ -46,6 +47,8 @@ class MetricsLog(TrainerCallback):
         skipped_samples: int,
         real_tokens: int,
         computed_tokens: int,
+        trees: int,
+        prefix_tokens_saved: int,
     ) -> None:
         """Add a micro-batch's counters (`split_counters`), Python ints from the collator."""
         self.samples += samples
@@ -53,23 +56,27 @@ class MetricsLog(TrainerCallback):
         self.computed += computed_tokens
         self.dropped += dropped_turns
         self.skipped += skipped_samples
+        self.trees += trees
+        self.saved += prefix_tokens_saved
 
     def figures(self) -> dict[str, float]:
         """The window's samples, throughput, real-token share, peak memory, dropped turns
         and skipped samples, summed over ranks (every rank calls this); then a new window."""
         seconds = max(time.monotonic() - self.window_start, 1e-9)
-        samples, tokens, computed, dropped, skipped = ranks.summed(
-            [self.samples, self.tokens, self.computed, self.dropped, self.skipped]
-        )
+        samples, tokens, computed, dropped, skipped, trees, saved = ranks.summed(
+            [self.samples, self.tokens, self.computed, self.dropped, self.skipped, self.trees,
+             self.saved]
+        )  # fmt: skip
         peak = cuda_peak_allocated_gb()  # since the process started, as the guard resets it
         (peak,) = ranks.highest([peak])
         self.window_start, self.samples, self.tokens, self.computed = time.monotonic(), 0, 0, 0
-        self.dropped = self.skipped = 0
+        self.dropped = self.skipped = self.trees = self.saved = 0
         return {"samples": int(samples), "samples_per_s": samples / seconds,
                 "tokens_per_s": tokens / seconds,
                 "real_token_share": round(tokens / max(computed, 1), 4),
                 "peak_memory_gb": round(peak, 3), "dropped_turns": int(dropped),
-                "skipped_samples": int(skipped)}  # fmt: skip
+                "skipped_samples": int(skipped), "trees": int(trees),
+                "prefix_tokens_saved": int(saved)}  # fmt: skip
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}

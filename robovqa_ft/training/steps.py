@@ -18,6 +18,7 @@ from torch.utils.data import Sampler
 from robovqa_ft.core.files import write_json_atomic
 from robovqa_ft.training import ranks
 from robovqa_ft.training.samples import JsonlDataset
+from robovqa_ft.training.trees import ClipTrees, measured_token_counts
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,88 @@ def snake_order(step: list[int], batch_size: int, ranks: int) -> list[int]:
     return [i for round_ in dealt for batch in round_ for i in batch]
 
 
+class ClipStepSampler(Sampler):
+    """Stage 1's tree layout: steps of whole clips, each micro-batch a tuple of clips.
+
+    A fresh seeded order of the clips each epoch is cut into `steps` steps (the epoch's
+    questions over `step_questions`, so the step count, and the learning-rate schedule,
+    is about the separate layout's, and the same every epoch): a clip goes to the step
+    its first question would fall in, so every clip, and every question, is trained
+    exactly once an epoch. Each step's clips are dealt into `micro_batches` micro-batches
+    balanced by tokens (longest clip first, to the lightest micro-batch), which the ranks
+    take round-robin: the same number on every rank, and a step's clips the same on any
+    rank count. A micro-batch left without a clip (a step of fewer clips than
+    micro-batches) is an empty tuple: the collator's stand-in, which teaches nothing.
+    """
+
+    def __init__(
+        self,
+        questions: list[int],
+        tokens: list[int],
+        step_questions: int,
+        micro_batches: int,
+        seed: int,
+    ):
+        if len(tokens) != len(questions):
+            raise ValueError(f"{len(tokens)} token counts for {len(questions)} clips")
+        self.questions, self.tokens, self.seed = questions, tokens, seed
+        self.micro_batches = micro_batches
+        self.steps = sum(questions) // step_questions
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps * self.micro_batches
+
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.questions), generator=generator).tolist()
+        total, before = sum(self.questions), 0
+        steps: list[list[int]] = [[] for _ in range(self.steps)]
+        for clip in order:
+            steps[min(before * self.steps // total, self.steps - 1)].append(clip)
+            before += self.questions[clip]
+        for clips in steps:
+            yield from self.balanced(clips)
+
+    def balanced(self, clips: list[int]) -> list[tuple[int, ...]]:
+        """`clips` dealt into the micro-batches, heaviest first to the lightest."""
+        bins: list[list[int]] = [[] for _ in range(self.micro_batches)]
+        load = [0] * self.micro_batches
+        for clip in sorted(clips, key=lambda c: -self.tokens[c]):
+            lightest = load.index(min(load))
+            bins[lightest].append(clip)
+            load[lightest] += self.tokens[clip]
+        return [tuple(b) for b in bins]
+
+
 def training_order(
-    train_set: JsonlDataset, stage: dict, training: dict, checkpoint_dir: Path, current: str
-) -> StepSampler:
+    train_set: JsonlDataset | ClipTrees,
+    stage: dict,
+    training: dict,
+    checkpoint_dir: Path,
+    current: str,
+) -> StepSampler | ClipStepSampler:
     """The sampler of whole optimizer steps; for length grouping, with the samples' token
-    lengths, measured once per run by rank 0 and kept beside its checkpoints."""
+    lengths, measured once per run by rank 0 and kept beside its checkpoints. Trees
+    (`ClipTrees`) are dealt by clip, with their token counts measured the same way."""
     me = ranks.world()
+    if isinstance(train_set, ClipTrees):
+        step_questions = stage["batch_size"] * stage["grad_accum"]
+        tokens = measured_token_counts(train_set, checkpoint_dir, current)
+        sampler = ClipStepSampler(train_set.questions, tokens, step_questions,
+                                  stage["grad_accum"], training["seed"])  # fmt: skip
+        if sampler.steps == 0:
+            raise ValueError(
+                f"{sum(train_set.questions)} training questions are fewer than one optimizer "
+                f"step (batch_size {stage['batch_size']} × grad_accum {stage['grad_accum']})"
+            )
+        log.info("Each epoch is %d steps of whole clips, %.1f questions a step on average "
+                 "(%d clips, %d questions)", sampler.steps, sum(train_set.questions) /
+                 sampler.steps, len(train_set), sum(train_set.questions))  # fmt: skip
+        return sampler
     step = stage["batch_size"] * stage["grad_accum"]
     lengths = None
     if training["padding"] == "grouped":

@@ -57,11 +57,13 @@ from robovqa_ft.training.model import (
 )
 from robovqa_ft.training.samples import JsonlDataset, SampleBuilder, clip_order
 from robovqa_ft.training.steps import (
+    ClipStepSampler,
     StepSampler,
     finished_at,
     training_order,
     workers_ignore_sigterm,
 )
+from robovqa_ft.training.trees import ClipTrees, refuse_tree_attention
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,11 @@ class CurriculumTrainer(Trainer):
     loss_is_scaled_for_ga = True  # divided by the whole step's labelled tokens, below
 
     def __init__(
-        self, *args, metrics: MetricsLog, train_sampler: StepSampler | None = None, **kwargs
+        self,
+        *args,
+        metrics: MetricsLog,
+        train_sampler: StepSampler | ClipStepSampler | None = None,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.metrics, self.train_sampler = metrics, train_sampler
@@ -220,6 +226,8 @@ def train_run(
             f"training.padding 'packed' needs 1-D rotary positions (InternVL); {model['name']} "
             "uses 3-D ones: use 'grouped' instead"
         )
+    trees = stage.get("layout", "separate") == "tree"
+    refuse_tree_attention(stage, model["attn_implementation"])
     if init_adapter is not None:  # before anything loads, locks or moves
         check_adapter(init_adapter, model["name"], lora["r"], lora["alpha"])
     me = ranks.world()
@@ -270,12 +278,15 @@ def train_run(
         train_set = JsonlDataset(train_jsonl, builder)
         clips = clip_order(val_jsonl, val_seed)[: training["eval_clips"]]
         val_set = JsonlDataset(val_jsonl, builder, clips=clips)
+        val_questions = len(val_set)
+        if trees:  # items by clip, each clip's questions as trees
+            train_set, val_set = ClipTrees(train_set), ClipTrees(val_set)
         sampler = training_order(train_set, stage, training, checkpoint_dir, current)
         args = training_arguments(checkpoint_dir, stage, training, model)
         if args.world_size != me.size:  # e.g. torchrun with use_cpu=False on a CPU box
             raise RuntimeError(f"{me.size} processes, but the Trainer sees {args.world_size}")
         resumed_step = int(resume.name.split("-")[-1]) if resume else 0
-        metrics = MetricsLog(run_dir, resumed_step, len(val_set))
+        metrics = MetricsLog(run_dir, resumed_step, val_questions)
         safety = CrashSafety(
             checkpoint_dir, training["save_every_minutes"], training["save_total_limit"]
         )
@@ -289,7 +300,9 @@ def train_run(
             args=args,
             train_dataset=train_set,
             eval_dataset=val_set,
-            data_collator=collator(training["padding"], processor.tokenizer.pad_token_id),
+            data_collator=collator(
+                training["padding"], processor.tokenizer.pad_token_id, model["attn_implementation"]
+            ),
             callbacks=[safety, metrics, SamplerEpoch(sampler), guard, *watchers],
             metrics=metrics,
             train_sampler=sampler,
@@ -333,7 +346,8 @@ def training_arguments(
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
-        per_device_train_batch_size=stage["batch_size"],
+        # the tree layout's micro-batch is one item of whole clips (`ClipStepSampler`)
+        per_device_train_batch_size=1 if stage.get("layout") == "tree" else stage["batch_size"],
         per_device_eval_batch_size=stage["batch_size"],
         gradient_accumulation_steps=per_rank_accumulation(stage["grad_accum"], ranks.world().size),
         learning_rate=stage["learning_rate"],

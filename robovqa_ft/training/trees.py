@@ -26,14 +26,19 @@ import torch
 from torch.utils.data import Dataset
 
 from robovqa_ft.core.files import write_json_atomic
+from robovqa_ft.core.settings import tree_attention_problem
 from robovqa_ft.training import ranks
 from robovqa_ft.training.attention import BRANCH
 from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset
 
 log = logging.getLogger(__name__)
 
-# The layouts of stage 1 (config: stage1.layout); stage 2 has one sample a clip already.
-LAYOUTS = ("tree", "separate")
+
+def refuse_tree_attention(stage: dict, attention: str) -> None:
+    """Before any work: a tree layout with an attention kernel that cannot take its mask."""
+    problem = tree_attention_problem(stage.get("layout", "separate"), attention)
+    if problem:
+        raise ValueError(problem)
 
 
 def shared_prefix(samples: list[dict]) -> int:

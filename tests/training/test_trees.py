@@ -28,7 +28,13 @@ from transformers import (
 from robovqa_ft.training.attention import BRANCH, model_inputs
 from robovqa_ft.training.collate import collator, split_counters
 from robovqa_ft.training.loss import labelled_token_losses
-from robovqa_ft.training.model import FAMILIES, attach_lora, load_model, load_processor, model_family
+from robovqa_ft.training.model import (
+    FAMILIES,
+    attach_lora,
+    load_model,
+    load_processor,
+    model_family,
+)
 from robovqa_ft.training.samples import IGNORE_INDEX, SampleBuilder
 from robovqa_ft.training.trees import build_tree, clip_trees, shared_prefix
 
@@ -142,8 +148,9 @@ def test_lora_gradients_of_a_tree_step_are_the_separate_steps(internvl):
     samples = [builder.encode(row) for rows in internvl["clips"] for row in rows]
     try:
         separate = gradients(collator("longest", internvl["pad"])(samples))
-        tree = gradients(collator("longest", internvl["pad"])(tree_items(builder,
-                                                                         internvl["clips"])))
+        tree = gradients(
+            collator("longest", internvl["pad"])(tree_items(builder, internvl["clips"]))
+        )
     finally:
         model.eval()
     assert any(g.abs().max() > 0 for g in separate)
@@ -244,9 +251,15 @@ def qwen(request, tiny_setup) -> dict:
     processor = processor_class(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=fast,
                                 video_processor=Qwen2VLVideoProcessor(**pixels),
                                 chat_template=QWEN_CHAT_TEMPLATE)  # fmt: skip
-    ids = {name: fast.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    ids = {
+        name: fast.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
     text = {"vocab_size": len(fast), "hidden_size": 32, "intermediate_size": 64,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "head_dim": 8, **rope}  # fmt: skip

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from test_samples import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from training_helpers import csv_rows, train_tiny
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -25,6 +27,8 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
+from robovqa_ft.evaluation.journal import Journal
+from robovqa_ft.evaluation.val_losses import loss_summary, sample_losses
 from robovqa_ft.training.attention import BRANCH, model_inputs
 from robovqa_ft.training.collate import collator, split_counters
 from robovqa_ft.training.loss import labelled_token_losses
@@ -35,7 +39,8 @@ from robovqa_ft.training.model import (
     load_processor,
     model_family,
 )
-from robovqa_ft.training.samples import IGNORE_INDEX, SampleBuilder
+from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder
+from robovqa_ft.training.steps import ClipStepSampler
 from robovqa_ft.training.trees import build_tree, clip_trees, shared_prefix
 
 QUESTIONS = [
@@ -306,3 +311,83 @@ def test_qwen_branch_positions_continue_after_the_prefixs_largest(qwen):
         expected = top + 1 + torch.arange(len(where))
         for row in positions:
             assert torch.equal(row[where], expected)
+
+
+# --- steps of whole clips ---
+
+
+def test_clip_steps_train_every_question_once_an_epoch_in_balanced_micro_batches():
+    generator = torch.Generator().manual_seed(0)
+    questions = torch.randint(2, 8, (60,), generator=generator).tolist()
+    tokens = [
+        1050 + 75 * q + int(torch.randint(0, 50, (1,), generator=generator)) for q in questions
+    ]
+    sampler = ClipStepSampler(questions, tokens, step_questions=16, micro_batches=4, seed=0)
+    assert sampler.steps == sum(questions) // 16 and len(sampler) == sampler.steps * 4
+    orders = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        micro = list(sampler)
+        assert len(micro) == len(sampler)
+        clips = [c for batch in micro for c in batch]
+        assert sorted(clips) == list(range(60))  # every clip, so every question, once
+        steps = [micro[i : i + 4] for i in range(0, len(micro), 4)]
+        per_step = [sum(questions[c] for b in step for c in b) for step in steps]
+        assert all(abs(n - sum(questions) / sampler.steps) <= 7 for n in per_step)
+        for step in steps:  # the heaviest micro-batch carries at most one clip too many
+            loads = sorted(sum(tokens[c] for c in b) for b in step)
+            assert loads[-1] - loads[0] <= max(tokens)
+        orders.append(clips)
+    assert orders[0] != orders[1]  # a fresh order each epoch
+
+
+def test_tree_layout_trains_whole_clips_and_counts_questions_trees_and_saved_tokens(
+    tiny_setup, tmp_path
+):
+    out = tmp_path / "tree"
+    train_tiny(tiny_setup, out, stage={"layout": "tree", "batch_size": 4, "grad_accum": 2},
+               max_steps=-1)  # fmt: skip
+    rows = csv_rows(out / "train_metrics.csv")
+    questions = len(tiny_setup["stage1_train"].read_text().splitlines())  # 2 a clip
+    assert len(rows) == questions // 8  # steps of 8 questions: whole clips of 2
+    assert sum(int(r["samples"]) for r in rows) == questions  # each once
+    assert all(int(r["trees"]) == 4 for r in rows)
+    # each clip's second question shares its prefix: the frames and the prompt
+    saved = [int(r["prefix_tokens_saved"]) for r in rows]
+    assert len(set(saved)) == 1 and saved[0] > 4 * 16  # 4 trees × 4 frames × 4 tokens
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["stage"]["layout"] == "tree"
+
+
+def test_tree_layout_is_refused_with_flash_attention_before_any_work(tiny_setup, tmp_path):
+    with pytest.raises(ValueError, match="stage1.layout = 'tree' needs an attention kernel"):
+        train_tiny(tiny_setup, tmp_path / "run", stage={"layout": "tree"},
+                   model_settings={"attn_implementation": "flash_attention_2"})  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_val_losses_as_trees_equal_the_separate_ones(tiny_setup, tmp_path):
+    processor = load_processor(tiny_setup["model"])
+    builder = SampleBuilder(processor, model_family(tiny_setup["model"]), tiny_setup["images"],
+                            4, 512)  # fmt: skip
+    torch.manual_seed(0)
+    model = attach_lora(load_model(tiny_setup["model"], "none", "float32", "sdpa", False), 8, 16,
+                        0.0)  # fmt: skip
+    lora_that_acts(model)
+    model.eval()
+    dataset = JsonlDataset(tiny_setup["stage1_val"], builder)
+    pad = processor.tokenizer.pad_token_id
+    records = {}
+    for trees in (False, True):
+        journal = Journal(tmp_path / f"journal-{trees}.jsonl", "f")
+        records[trees] = sample_losses(model, dataset, "stage1_val", 3, pad, 0, "float32",
+                                       journal, trees)  # fmt: skip
+    assert [r["id"] for r in records[True]] == [r["id"] for r in records[False]]
+    for tree, separate in zip(records[True], records[False], strict=True):
+        assert [t["tokens"] for t in tree["turns"]] == [t["tokens"] for t in separate["turns"]]
+        for a, b in zip(tree["turns"], separate["turns"], strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert loss_summary(records[True])["loss"] == pytest.approx(
+        loss_summary(records[False])["loss"], rel=1e-6
+    )

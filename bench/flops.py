@@ -20,6 +20,18 @@ Attention: torch has no formula for the CPU flash kernel; the one given here cou
 the kernel needs, which for causal attention (`is_causal`, no mask) is the T(T+1)/2
 query-key pairs it computes (torch's GPU formulas count the full square).
 
+Stage 1's layouts: FLOPs per question of the separate layout (one sample a question)
+and of the tree layout (a clip's questions as one tree, `robovqa_ft/training/trees.py`),
+by the same groups, with config.yaml's gradient checkpointing. Clips of 2 to 7 questions
+(ROBOVQA.md: 722,979 stage-1 questions from 199,721 clips, 3.6 each) weighted as the
+synthetic clips are drawn (`synthetic.questions_per_clip`: 2 + Binomial(5, 0.32), shares
+0.145, 0.342, 0.322, 0.151, 0.036, 0.003, mean 3.6); per count, one typical synthetic
+clip (4 frames, 1,024 image tokens, ~75 text tokens a question) is counted as one tree
+and as its questions one by one (unpadded: the separate layout at its cheapest). A
+tree's attention runs SDPA with a float mask, and a dense kernel computes every pair of
+such a mask, the hidden ones too: it counts as the full L×L square; the separate
+samples' attention stays causal, as above.
+
 The model computes in config.yaml's dtype (bfloat16; FLOPs do not depend on it, and this
 CPU runs bfloat16 matmuls five times faster than float32).
 
@@ -43,12 +55,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from synthetic import CONFIG, STAGES, stage_dataset, write_clips
+from synthetic import CONFIG, STAGES, questions_per_clip, stage_dataset, write_clips
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from train_step import LORA, model_flops
 
 from robovqa_ft.training import random_model
+from robovqa_ft.training.attention import BRANCH
 from robovqa_ft.training.collate import collator
 from robovqa_ft.training.metrics import MetricsLog
 from robovqa_ft.training.model import attach_lora, load_model, load_processor
@@ -59,8 +72,10 @@ from robovqa_ft.training.random_model import (
 )
 from robovqa_ft.training.samples import IGNORE_INDEX
 from robovqa_ft.training.train import CurriculumTrainer, training_arguments
+from robovqa_ft.training.trees import ClipTrees, clip_trees
 
 GROUPS = ("vision", "projector", "language model", "LoRA", "head", "other")
+TOTALS = (*GROUPS, "recompute", "executed")  # the lines of a step's or a question's FLOPs
 PHASES = ("forward", "backward", "recompute")
 TEXT_LAYERS, VISION_LAYERS = 2, 1  # built and measured
 OTHER = ("other", 1.0)
@@ -227,22 +242,43 @@ def mean_length_batch(dataset, micro_batch: int) -> list[dict]:
     return [dataset[i] for i in order[:micro_batch]]
 
 
+def measured_model(model_dir: Path, full, args, checkpointing: bool) -> tuple:
+    """(the measured model with LoRA, its `module_groups`)."""
+    model = load_model(model_dir, "none", args.dtype, "sdpa", checkpointing)
+    model = attach_lora(model, **LORA)
+    groups = module_groups(
+        model, full.text_config.num_hidden_layers, full.vision_config.num_hidden_layers
+    )
+    return model, groups
+
+
+def stage_trainer(model, stage: str, args, out: Path) -> CurriculumTrainer:
+    """The training code's trainer at config.yaml's settings of `stage`."""
+    targs = training_arguments(out, CONFIG[stage], TRAINING, {"dtype": args.dtype})
+    targs = dataclasses.replace(targs, eval_strategy="no", save_strategy="no")
+    return CurriculumTrainer(model=model, args=targs, metrics=MetricsLog(out, 0, 0))
+
+
+def totals(flops: dict[tuple[str, str], float]) -> dict[str, float]:
+    """FLOPs per (group, phase) as `TOTALS`: each group's forward and backward, all
+    groups' recompute, and everything executed."""
+    lines = {g: flops[g, "forward"] + flops[g, "backward"] for g in GROUPS}
+    lines["recompute"] = sum(flops[g, "recompute"] for g in GROUPS)
+    lines["executed"] = sum(lines.values())
+    return lines
+
+
 def measure(model_dir: Path, batches: dict, full, args, out: Path) -> dict:
     """(stage, checkpointing) -> (FLOPs per (group, phase) of one optimizer step, the
     formula's model FLOPs of that step); `batches`: stage -> (micro-batch, its lengths)."""
     text_layers = full.text_config.num_hidden_layers
     results = {}
     for checkpointing in (False, True):
-        model = load_model(model_dir, "none", args.dtype, "sdpa", checkpointing)
-        model = attach_lora(model, **LORA)
-        groups = module_groups(model, text_layers, full.vision_config.num_hidden_layers)
+        model, groups = measured_model(model_dir, full, args, checkpointing)
         lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         for stage, (batch, lengths) in batches.items():
-            settings = CONFIG[stage]
-            targs = training_arguments(out, settings, TRAINING, {"dtype": args.dtype})
-            targs = dataclasses.replace(targs, eval_strategy="no", save_strategy="no")
-            trainer = CurriculumTrainer(model=model, args=targs, metrics=MetricsLog(out, 0, 0))
-            per_step = settings["grad_accum"]  # micro-batches of one optimizer step
+            trainer = stage_trainer(model, stage, args, out)
+            per_step = CONFIG[stage]["grad_accum"]  # micro-batches of one optimizer step
             flops = count_step(model, trainer, batch, groups)
             formula = model_flops(
                 full, lengths * per_step,
@@ -257,21 +293,101 @@ def measure(model_dir: Path, batches: dict, full, args, out: Path) -> dict:
     return results
 
 
+def typical_clips(clips: ClipTrees, counts) -> dict[int, int]:
+    """For each question count, the clip of that many questions whose tokens as trees are
+    nearest the mean of all such clips (the first of equals)."""
+    tokens = clips.token_counts()
+    chosen = {}
+    for count in counts:
+        alike = [c for c, n in enumerate(clips.questions) if n == count]
+        if not alike:
+            raise SystemExit(f"no synthetic clip of {count} questions: raise --clips")
+        mean = statistics.mean(tokens[c] for c in alike)
+        chosen[count] = min(alike, key=lambda c: (abs(tokens[c] - mean), c))
+    return chosen
+
+
+def layout_clips(processor, paths: dict) -> dict[int, tuple[list[dict], list[dict]]]:
+    """Question count -> (a typical clip's stage-1 questions as encoded, its trees)."""
+    stage1 = stage_dataset(processor, paths, "stage1")
+    questions = ClipTrees(stage1)
+    clips = {}
+    for count, clip in typical_clips(questions, questions_per_clip()).items():
+        samples = [stage1.builder.encode(row) for row in questions.rows(clip)]
+        clips[count] = samples, clip_trees(samples, CONFIG["stage1"]["max_seq_len"])
+    return clips
+
+
+def measure_layouts(model_dir: Path, clips: dict, pad, full, args, out: Path) -> dict:
+    """Layout ("separate", "tree") -> group (`TOTALS`) -> stage 1's FLOPs per question,
+    with config.yaml's gradient checkpointing; `clips`: question count -> (the clip's
+    encoded questions, its trees), weighted by `questions_per_clip`."""
+    model, groups = measured_model(model_dir, full, args, CONFIG["model"]["gradient_checkpointing"])
+    trainer = stage_trainer(model, "stage1", args, out)
+    shares = questions_per_clip()
+    summed = {"separate": defaultdict(float), "tree": defaultdict(float)}
+    alone = {}  # a lone sample's counts depend on its shape only: each shape counted once
+    for count, (samples, trees) in clips.items():
+        for sample in samples:
+            shape = (len(sample["input_ids"]), int((sample["labels"] != IGNORE_INDEX).sum()),
+                     len(sample["pixel_values"]))  # fmt: skip
+            if shape not in alone:
+                alone[shape] = count_step(model, trainer, pad([sample]), groups)
+            for key, value in alone[shape].items():
+                summed["separate"][key] += shares[count] * value
+        for key, value in count_step(model, trainer, pad([trees]), groups).items():
+            summed["tree"][key] += shares[count] * value
+    questions = sum(shares[count] * count for count in clips)  # per clip
+    del trainer, model
+    return {layout: {line: value / questions for line, value in totals(flops).items()}
+            for layout, flops in summed.items()}  # fmt: skip
+
+
+def clip_shape(samples: list[dict], trees: list[dict]) -> str:
+    """A clip's tokens in both layouts, for the output."""
+    labelled = sum(int((s["labels"] != IGNORE_INDEX).sum()) for s in samples)
+    parts = []
+    for tree in trees:
+        branches = torch.bincount(tree[BRANCH])
+        parts.append(f"{len(tree['input_ids'])} tokens (a prefix of {int(branches[0])}, "
+                     f"branches of {', '.join(map(str, branches[1:].tolist()))})")  # fmt: skip
+    return (
+        f"{len(samples)} questions ({labelled} labelled tokens): "
+        f"{len(trees)} tree{'s' * (len(trees) > 1)} of {'; '.join(parts)}, or "
+        f"samples of {', '.join(str(len(s['input_ids'])) for s in samples)}"
+    )
+
+
 def print_tables(results: dict) -> None:
     print("stage | checkpointing | " + " | ".join(GROUPS) +
           " | recompute | executed | model | executed/model")  # fmt: skip
     for (stage, checkpointing), (flops, formula) in results.items():
-        by_group = [flops[g, "forward"] + flops[g, "backward"] for g in GROUPS]
-        recompute = sum(flops[g, "recompute"] for g in GROUPS)
-        executed = sum(by_group) + recompute
-        cells = [f"{x / 1e12:.4g}" for x in [*by_group, recompute, executed, formula]]
+        lines = totals(flops)
+        cells = [f"{lines[line] / 1e12:.4g}" for line in TOTALS] + [f"{formula / 1e12:.4g}"]
         print(" | ".join([stage, CHECKPOINTING[checkpointing], *cells,
-                          f"{executed / formula:.3f}"]))  # fmt: skip
+                          f"{lines['executed'] / formula:.3f}"]))  # fmt: skip
     print("stage | checkpointing | group | " + " | ".join(PHASES))
     for (stage, checkpointing), (flops, _) in results.items():
         for group in GROUPS:
             cells = [f"{flops[group, p] / 1e12:.4g}" for p in PHASES]
             print(" | ".join([stage, CHECKPOINTING[checkpointing], group, *cells]))
+
+
+def print_layouts(per_question: dict, clips: dict) -> None:
+    shares = questions_per_clip()
+    print(f"# stage1 as trees beside separate samples, TFLOP per question "
+          f"({CHECKPOINTING[CONFIG['model']['gradient_checkpointing']]}): one clip of each "
+          f"count, weighted {', '.join(f'{n}: {p:.3f}' for n, p in shares.items())} (mean "
+          f"{sum(n * p for n, p in shares.items()):.1f} questions a clip); a tree's masked "
+          f"attention counts its full L x L square (a dense kernel computes every pair of a "
+          f"float mask), a sample's causal attention T(T+1)/2 pairs")  # fmt: skip
+    for samples, trees in clips.values():
+        print(f"# {clip_shape(samples, trees)}")
+    print("stage1 per question | separate | tree | separate/tree")
+    for line in TOTALS:
+        separate, tree = per_question["separate"][line], per_question["tree"][line]
+        ratio = f"{separate / tree:.2f}x" if tree else "-"
+        print(f"{line} | {separate / 1e12:.4g} | {tree / 1e12:.4g} | {ratio}")
 
 
 def run(args, workdir: Path) -> None:
@@ -303,6 +419,9 @@ def run(args, workdir: Path) -> None:
               f"({', '.join(map(str, labelled))} labelled), {len(samples[0]['pixel_values'])} "
               f"tiles each, {CONFIG[stage]['grad_accum']} a step")  # fmt: skip
     print_tables(measure(model_dir, batches, full, args, workdir / "out"))
+
+    clips = layout_clips(processor, paths)
+    print_layouts(measure_layouts(model_dir, clips, pad, full, args, workdir / "out"), clips)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ distribution's shape is not published; this one has the known mean and range.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -28,10 +29,21 @@ FRAMES_PER_CLIP = 16
 # The real run's settings: each stage's frames, sequence length and hyperparameters.
 CONFIG = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
 STAGES = ("stage1", "stage2")
+FREEFORM_DRAWS, FREEFORM_SHARE = 5, 0.32  # free-form questions: Binomial(5, 0.32)
 
 
 def robovqa_freeform_count(rng: random.Random) -> int:
-    return sum(rng.random() < 0.32 for _ in range(5))
+    return sum(rng.random() < FREEFORM_SHARE for _ in range(FREEFORM_DRAWS))
+
+
+def questions_per_clip() -> dict[int, float]:
+    """The share of clips of each question count that `write_clips` draws: the two yes/no
+    questions plus Binomial(5, 0.32) free-form ones (2 to 7, mean 3.6)."""
+    return {
+        2 + k: math.comb(FREEFORM_DRAWS, k) * FREEFORM_SHARE**k
+        * (1 - FREEFORM_SHARE) ** (FREEFORM_DRAWS - k)
+        for k in range(FREEFORM_DRAWS + 1)
+    }  # fmt: skip
 
 
 def write_clips(

@@ -162,13 +162,17 @@ def test_a_process_count_that_does_not_divide_grad_accum_stops_before_loading(tm
         train_job(2, 2, 2, run)
 
 
-def test_two_processes_give_the_one_process_adapter_writing_each_file_once(tiny_setup, tmp_path):
-    one = adapter_weights(train_tiny(tiny_setup, tmp_path / "one", max_steps=6, **RECIPE))
+@pytest.mark.parametrize("layout", ["separate", "tree"])
+def test_two_processes_give_the_one_process_adapter_writing_each_file_once(
+    tiny_setup, tmp_path, layout
+):
+    recipe = {**RECIPE, "stage": {**RECIPE["stage"], "layout": layout}}
+    one = adapter_weights(train_tiny(tiny_setup, tmp_path / "one", max_steps=6, **recipe))
     out = tmp_path / "two"
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_SAVE)
     env = {"PYTHONPATH": str(tmp_path / "site"), "SLOW_RANK1_SAVE": "1.0"}
-    succeeded(launch(tiny_setup, out, 2, env=env, max_steps=6, save_steps=3, **RECIPE), out)
+    succeeded(launch(tiny_setup, out, 2, env=env, max_steps=6, save_steps=3, **recipe), out)
 
     two = adapter_weights(out / "adapter")
     assert max_difference(two, one) < 1e-5

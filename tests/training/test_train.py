@@ -141,20 +141,23 @@ def test_packing_is_refused_for_qwen_vl_models_before_anything_loads(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_killed_with_sigkill_resumes_to_the_same_adapter(tiny_setup, tmp_path):
-    first = adapter_weights(run(tiny_setup, tmp_path / "a", max_steps=16))
-    second = adapter_weights(run(tiny_setup, tmp_path / "b", max_steps=16))
+@pytest.mark.parametrize("layout", ["separate", "tree"])
+def test_training_killed_with_sigkill_resumes_to_the_same_adapter(tiny_setup, tmp_path, layout):
+    # 12 steps an epoch: the kill and the resume fall in the first, the end in the second
+    stage = {"layout": layout}
+    first = adapter_weights(run(tiny_setup, tmp_path / "a", max_steps=16, stage=stage))
+    second = adapter_weights(run(tiny_setup, tmp_path / "b", max_steps=16, stage=stage))
     tolerance = max_difference(first, second)
 
     killed = tmp_path / "killed"
-    process = start_training(tiny_setup, killed, max_steps=16, save_steps=4)
+    process = start_training(tiny_setup, killed, max_steps=16, save_steps=4, stage=stage)
     wait_for(killed / "checkpoints" / "checkpoint-4" / COMPLETE_MARKER, process)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert not (killed / "adapter").exists()
     assert latest_complete_checkpoint(killed / "checkpoints") is not None
 
-    resumed = start_training(tiny_setup, killed, max_steps=16, save_steps=4)
+    resumed = start_training(tiny_setup, killed, max_steps=16, save_steps=4, stage=stage)
     assert resumed.wait(timeout=300) == 0, (killed / "driver.log").read_text()
     assert "Resumed from checkpoint: step=" in (killed / "driver.log").read_text()
     assert max_difference(adapter_weights(killed / "adapter"), first) <= tolerance + 1e-7

@@ -88,6 +88,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_step.py --tiny
 	$(BIN)/python bench/flops.py
 	$(BIN)/python bench/eval_cost.py
+	test -f demo/results/data/stage1/train.jsonl || $(MAKE) demo
+	$(BIN)/python bench/tree_epoch.py
 
 # The full-size training step: needs a GPU (and 16 GB of disk for the random weights).
 # It takes a GPU no job holds (robovqa-gpus), as a workflow job would.

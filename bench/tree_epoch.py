@@ -86,7 +86,10 @@ def main() -> None:
                         help="a workflow folder that ran the demo config (default: demo/)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    data, model = args.directory / "results" / "data", args.directory / "results" / "models" / "tiny"
+    data, model = (
+        args.directory / "results" / "data",
+        args.directory / "results" / "models" / "tiny",
+    )
     if not (data / "stage1" / "train.jsonl").is_file() or not model.is_dir():
         raise SystemExit(f"no demo data or tiny model under {args.directory}: run `make demo`")
     config = demo_config()

@@ -63,7 +63,7 @@ from robovqa_ft.training.steps import (
     training_order,
     workers_ignore_sigterm,
 )
-from robovqa_ft.training.trees import ClipTrees, refuse_tree_attention
+from robovqa_ft.training.trees import ClipTrees, check_layout
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def train_run(
             "uses 3-D ones: use 'grouped' instead"
         )
     trees = stage.get("layout", "separate") == "tree"
-    refuse_tree_attention(stage, model["attn_implementation"])
+    check_layout(stage, model["attn_implementation"])
     if init_adapter is not None:  # before anything loads, locks or moves
         check_adapter(init_adapter, model["name"], lora["r"], lora["alpha"])
     me = ranks.world()

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from robovqa_ft.core.files import write_json_atomic
-from robovqa_ft.core.settings import tree_attention_problem
+from robovqa_ft.core.settings import LAYOUTS, tree_attention_problem
 from robovqa_ft.training import ranks
 from robovqa_ft.training.attention import BRANCH
 from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset
@@ -34,9 +34,13 @@ from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset
 log = logging.getLogger(__name__)
 
 
-def refuse_tree_attention(stage: dict, attention: str) -> None:
-    """Before any work: a tree layout with an attention kernel that cannot take its mask."""
-    problem = tree_attention_problem(stage.get("layout", "separate"), attention)
+def check_layout(stage: dict, attention: str) -> None:
+    """Before any work: a layout that is not one, or a tree with an attention kernel that
+    cannot take its mask."""
+    layout = stage.get("layout", "separate")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    problem = tree_attention_problem(layout, attention)
     if problem:
         raise ValueError(problem)
 

@@ -11,7 +11,7 @@ from snakemake.cli import parse_config
 from snakemake.utils import update_config
 from test_workflow import ROOT, snakemake
 
-from robovqa_ft.core.settings import FAMILY_PACKS, check_config
+from robovqa_ft.core.settings import FAMILY_PACKS, LAYOUTS, check_config
 
 DEMO = str(ROOT / "config" / "demo.yaml")
 SCHEMA = yaml.safe_load((ROOT / "config" / "schema.yaml").read_text())
@@ -26,6 +26,11 @@ MISTAKES = {  # id: (--config overrides, what the one line must say)
         ["model={name: ./qwen}", "training={padding: packed}"],
         ["training.padding = 'packed'", "model.name = './qwen'", "qwen2_5_vl"],
     ),
+    "tree_with_flash_attention": (
+        ["model={attn_implementation: flash_attention_2}"],
+        ["stage1.layout = 'tree'", "flash_attention_2", "sdpa"],
+    ),
+    "tree_in_stage2": (["stage2={layout: tree}"], ["stage2.layout = 'tree'", "stage1"]),
     "max_frames_above_frames_per_clip": (
         ["stage2={max_frames: 20}"],
         ["stage2.max_frames = 20", "frames_per_clip = 16"],
@@ -195,3 +200,9 @@ def test_schema_offers_only_what_the_code_accepts(code_names, name):
 
 def test_settings_know_which_model_families_pack(code_names):
     assert code_names["packs"] == FAMILY_PACKS
+
+
+def test_schema_offers_the_stage1_layouts_the_code_takes():
+    assert SCHEMA["$defs"]["stage"]["properties"]["layout"]["enum"] == list(LAYOUTS)
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    assert config["stage1"]["layout"] == "tree" and "layout" not in config["stage2"]

@@ -352,7 +352,7 @@ def conditions(
         lines.append(
             f"- {stage}: {s['max_frames']} frames, max {s['max_seq_len']} tokens, "
             f"lr {s['learning_rate']}, batch {s['batch_size']} x {s['grad_accum']}, "
-            f"{s['epochs']} epochs"
+            f"{s['epochs']} epochs" + (f", {s['layout']} layout" if "layout" in s else "")
         )
     for run in TRAINED:
         logged = [_csv(run_dirs[run] / f) for f in ("train_metrics.csv", "eval_metrics.csv")]

@@ -225,6 +225,8 @@ def _recipe(run: str, model: dict, adapter: dict, stages: dict[str, dict], train
     rows = [[key, *(stages[s][key] for s in trained)] for key in keys]
     batches = [stages[s]["batch_size"] * stages[s]["grad_accum"] for s in trained]
     rows.insert(6, ["global batch (batch_size × grad_accum)", *batches])
+    # stage 1's layout (stage 2 has one sample a clip): the same losses, fewer FLOPs
+    rows.append(["layout", *(stages[s].get("layout", "separate") for s in trained)])
     if model["quantization"] == "nf4":
         weights = "4-bit NF4 with double quantization (QLoRA)"
     else:

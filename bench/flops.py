@@ -27,17 +27,19 @@ by the same groups, with config.yaml's gradient checkpointing. Clips of 2 to 7 q
 synthetic clips are drawn (`synthetic.questions_per_clip`: 2 + Binomial(5, 0.32), shares
 0.145, 0.342, 0.322, 0.151, 0.036, 0.003, mean 3.6); per count, one typical synthetic
 clip (4 frames, 1,024 image tokens, ~75 text tokens a question) is counted as one tree
-and as its questions one by one (unpadded: the separate layout at its cheapest). A
-tree's attention runs SDPA with a float mask, and a dense kernel computes every pair of
-such a mask, the hidden ones too: it counts as the full L×L square; the separate
-samples' attention stays causal, as above.
+and as its questions one by one (unpadded: the separate layout at its cheapest; five of
+their shapes counted, the others exactly from those, `lone_counts`). A tree's attention
+runs SDPA with a float mask, and a dense kernel computes every pair of such a mask, the
+hidden ones too: it counts as the full L×L square; the separate samples' attention stays
+causal, as above.
 
 The model computes in config.yaml's dtype (bfloat16; FLOPs do not depend on it, and this
 CPU runs bfloat16 matmuls five times faster than float32).
 
-Run: `python bench/flops.py` (part of `make bench`; about 4 minutes and 11 GB of
-memory on 2 cores; writes a 3 GB random model to a temporary folder, or to `--workdir` to
-keep it); `--tiny` for the tiny architecture in float32 (seconds; `make test` runs it).
+Run: `python bench/flops.py` (part of `make bench`; 867 s and 12 GB of memory on 2 shared
+cores, 2026-12-06, the stage-1 layouts included; writes a 3 GB random model to a temporary
+folder, or to `--workdir` to keep it); `--tiny` for the tiny architecture in float32
+(seconds; `make test` runs it).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from synthetic import CONFIG, STAGES, questions_per_clip, stage_dataset, write_clips
@@ -318,29 +321,71 @@ def layout_clips(processor, paths: dict) -> dict[int, tuple[list[dict], list[dic
     return clips
 
 
-def measure_layouts(model_dir: Path, clips: dict, pad, full, args, out: Path) -> dict:
-    """Layout ("separate", "tree") -> group (`TOTALS`) -> stage 1's FLOPs per question,
-    with config.yaml's gradient checkpointing; `clips`: question count -> (the clip's
-    encoded questions, its trees), weighted by `questions_per_clip`."""
+def measure_layouts(model_dir: Path, clips: dict, pad, full, args, out: Path) -> tuple:
+    """(layout ("separate", "tree") -> group (`TOTALS`) -> stage 1's FLOPs per question,
+    with config.yaml's gradient checkpointing; (the separate samples' shapes counted, all
+    their shapes): `lone_counts`). `clips`: question count -> (the clip's encoded
+    questions, its trees), weighted by `questions_per_clip`."""
     model, groups = measured_model(model_dir, full, args, CONFIG["model"]["gradient_checkpointing"])
     trainer = stage_trainer(model, "stage1", args, out)
     shares = questions_per_clip()
     summed = {"separate": defaultdict(float), "tree": defaultdict(float)}
-    alone = {}  # a lone sample's counts depend on its shape only: each shape counted once
+    questions = [sample for samples, _ in clips.values() for sample in samples]
+    alone, counted = lone_counts(questions, lambda s: count_step(model, trainer, pad([s]), groups))
     for count, (samples, trees) in clips.items():
         for sample in samples:
-            shape = (len(sample["input_ids"]), int((sample["labels"] != IGNORE_INDEX).sum()),
-                     len(sample["pixel_values"]))  # fmt: skip
-            if shape not in alone:
-                alone[shape] = count_step(model, trainer, pad([sample]), groups)
-            for key, value in alone[shape].items():
+            for key, value in alone[lone_shape(sample)].items():
                 summed["separate"][key] += shares[count] * value
         for key, value in count_step(model, trainer, pad([trees]), groups).items():
             summed["tree"][key] += shares[count] * value
-    questions = sum(shares[count] * count for count in clips)  # per clip
-    del trainer, model
-    return {layout: {line: value / questions for line, value in totals(flops).items()}
-            for layout, flops in summed.items()}  # fmt: skip
+    per_clip = sum(shares[count] * count for count in clips)
+    per_question = {layout: {line: value / per_clip for line, value in totals(flops).items()}
+                    for layout, flops in summed.items()}  # fmt: skip
+    return per_question, (counted, len(alone))
+
+
+def lone_shape(sample: dict) -> tuple[int, int, int]:
+    """(tokens, labelled tokens, tiles): all that a lone sample's FLOPs depend on."""
+    labelled = int((sample["labels"] != IGNORE_INDEX).sum())
+    return len(sample["input_ids"]), labelled, len(sample["pixel_values"])
+
+
+def lone_counts(samples: list[dict], count) -> tuple[dict, int]:
+    """(shape (`lone_shape`) -> FLOPs per (group, phase) of a sample of that shape counted
+    alone, for each of `samples`' shapes; how many shapes `count` counted).
+
+    Op by op, a lone sample's counted FLOPs are its frames' (the same tiles for all), its
+    T tokens' (matmuls), its causal attention's T(T+1)/2 query-key pairs' or its k
+    labelled tokens' (the head's): each count is a + b·T + c·T² + d·k. Five shapes are
+    counted (the fewest and most tokens, the fewest and most labelled, the median, then
+    the quartiles where those coincide); the others follow from them by least squares,
+    when those five fit it to rounding. Else every shape is counted."""
+    first = {lone_shape(s): s for s in reversed(samples)}
+    shapes = sorted(first)
+    by_labels = sorted(shapes, key=lambda s: (s[1], s))
+    spread = [shapes[0], shapes[-1], by_labels[0], by_labels[-1],
+              *(shapes[len(shapes) * q // 4] for q in (2, 1, 3))]  # fmt: skip
+    counts = {shape: count(first[shape]) for shape in list(dict.fromkeys(spread))[:5]}
+    counted = len(counts)
+    keys = sorted({key for flops in counts.values() for key in flops})
+    centre = statistics.mean(t for t, _, _ in shapes)  # for the fit's conditioning
+
+    def basis(of: list) -> np.ndarray:
+        return np.array([[1.0, t - centre, (t - centre) ** 2, k] for t, k, _ in of])
+
+    known = basis(list(counts))
+    measured = np.array([[flops[key] for key in keys] for flops in counts.values()])
+    fit, _, rank, _ = np.linalg.lstsq(known, measured, rcond=None)
+    exact = (len(counts) > 4 and rank == 4 and len({tiles for *_, tiles in shapes}) == 1
+             and np.allclose(known @ fit, measured, rtol=1e-9, atol=1.0))  # fmt: skip
+    for shape in shapes:
+        if shape in counts:
+            continue
+        if exact:
+            counts[shape] = dict(zip(keys, (basis([shape]) @ fit)[0], strict=True))
+        else:
+            counts[shape] = count(first[shape])
+    return counts, counted if exact else len(shapes)
 
 
 def clip_shape(samples: list[dict], trees: list[dict]) -> str:
@@ -373,7 +418,7 @@ def print_tables(results: dict) -> None:
             print(" | ".join([stage, CHECKPOINTING[checkpointing], group, *cells]))
 
 
-def print_layouts(per_question: dict, clips: dict) -> None:
+def print_layouts(per_question: dict, clips: dict, counted: tuple[int, int]) -> None:
     shares = questions_per_clip()
     print(f"# stage1 as trees beside separate samples, TFLOP per question "
           f"({CHECKPOINTING[CONFIG['model']['gradient_checkpointing']]}): one clip of each "
@@ -383,6 +428,8 @@ def print_layouts(per_question: dict, clips: dict) -> None:
           f"float mask), a sample's causal attention T(T+1)/2 pairs")  # fmt: skip
     for samples, trees in clips.values():
         print(f"# {clip_shape(samples, trees)}")
+    fitted = "" if counted[0] == counted[1] else ", the others fitted (`lone_counts`)"
+    print(f"# the separate samples: {counted[0]} of their {counted[1]} shapes counted{fitted}")
     print("stage1 per question | separate | tree | separate/tree")
     for line in TOTALS:
         separate, tree = per_question["separate"][line], per_question["tree"][line]
@@ -420,8 +467,10 @@ def run(args, workdir: Path) -> None:
               f"tiles each, {CONFIG[stage]['grad_accum']} a step")  # fmt: skip
     print_tables(measure(model_dir, batches, full, args, workdir / "out"))
 
-    clips = layout_clips(processor, paths)
-    print_layouts(measure_layouts(model_dir, clips, pad, full, args, workdir / "out"), clips)
+    if "stage1" in args.stages:
+        clips = layout_clips(processor, paths)
+        per_question, counted = measure_layouts(model_dir, clips, pad, full, args, workdir / "out")
+        print_layouts(per_question, clips, counted)
 
 
 def main() -> None:

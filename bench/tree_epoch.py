@@ -77,13 +77,13 @@ def computed(data: Path, model: Path, config: dict, layout: str) -> dict[str, in
                    for s in range(0, len(order), stage["batch_size"])]  # fmt: skip
     return {"questions": sum(b["samples"] for b in batches),
             "tokens": sum(b["computed_tokens"] for b in batches),
-            "frames": sum(len(b["pixel_values"]) for b in batches if "pixel_values" in b)}  # fmt: skip
+            "frames": sum(len(b.get("pixel_values", ())) for b in batches)}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--directory", type=Path, default=ROOT / "demo",
-                        help="a workflow folder that ran the demo config (default: demo/)")  # fmt: skip
+                        help="a folder that ran the demo config (default: demo/)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     data, model = (
@@ -93,6 +93,7 @@ def main() -> None:
     if not (data / "stage1" / "train.jsonl").is_file() or not model.is_dir():
         raise SystemExit(f"no demo data or tiny model under {args.directory}: run `make demo`")
     config = demo_config()
+    config["model"] = {**config["model"], "name": str(model)}
     seconds: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
@@ -102,7 +103,7 @@ def main() -> None:
                 train_run(data / "stage1" / "train.jsonl", data / "stage1" / "val.jsonl",
                           data / "images", out / "adapter", out, out / "checkpoints",
                           data_metadata=data / "metadata.json",
-                          **merged(settings(config, layout), {"model": {"name": str(model)}}))  # fmt: skip
+                          **settings(config, layout))  # fmt: skip
                 seconds[layout].append(time.perf_counter() - start)
     counts = {layout: computed(data, model, config, layout) for layout in LAYOUTS}
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "

@@ -47,15 +47,18 @@ def check_layout(stage: dict, attention: str) -> None:
 
 def shared_prefix(samples: list[dict]) -> int:
     """How many leading tokens a tree of `samples` shares: their longest common prefix,
-    stopped before the first token any of them labels, so that the prefix's last logit
-    predicts no label (each branch predicts its own, from its own tokens)."""
+    stopped a token before the first that any of them labels, so that the prefix's last
+    logit predicts no label (each branch predicts its own, from its own tokens: two
+    questions alike up to the answer still differ in their branches)."""
     ids = [s["input_ids"] for s in samples]
     shortest = min(len(x) for x in ids)
     first_label = min(int((s["labels"] != IGNORE_INDEX).nonzero()[0, 0]) for s in samples)
     stack = torch.stack([x[:shortest] for x in ids])
     differs = (stack != stack[0]).any(dim=0).nonzero()
     common = int(differs[0, 0]) if len(differs) else shortest
-    return min(common, first_label)
+    # a branch's first token is never a label: the token before it is the prefix's, which
+    # in the row sits right before the first branch only
+    return min(common, first_label - 1)
 
 
 def build_tree(samples: list[dict]) -> dict[str, Any]:

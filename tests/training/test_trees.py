@@ -48,6 +48,7 @@ QUESTIONS = [
     ("Q: what just happened?", "pick up the cup"),
     ("Q: what just happened? satisfied?", "no"),
     ("put cup Q: what just happened?", "put the cup"),
+    ("put cup Q: satisfied?", "no"),  # the first question again, answered otherwise
 ]
 
 
@@ -77,7 +78,8 @@ def internvl(tiny_setup) -> dict:
     images = [f"train-000/{i:02d}.jpg" for i in range(16)]
     other = [f"train-001/{i:02d}.jpg" for i in range(16)]
     clips = [clip_rows(images, "train-000", 3), clip_rows(other, "train-001", 4),
-             clip_rows(images, "train-002", 1), clip_rows(other, "train-003", 2)]  # fmt: skip
+             clip_rows(images, "train-002", 1), clip_rows(other, "train-003", 2),
+             [clip_rows(images, "train-004", 5)[i] for i in (0, 4)]]  # fmt: skip
     models = {}
     for attention in ("sdpa", "eager"):
         torch.manual_seed(0)
@@ -122,10 +124,10 @@ def test_each_questions_loss_from_a_padded_batch_of_trees_is_its_separate_sample
     model, builder = internvl["models"][attention], internvl["builder"]
     expected = separate_sums(model, builder, internvl["clips"], internvl["pad"])
     batch = collator("longest", internvl["pad"])(tree_items(builder, internvl["clips"]))
-    assert batch["attention_mask"].dim() == 4 and batch["input_ids"].shape[0] == 4  # padded
+    assert batch["attention_mask"].dim() == 4 and batch["input_ids"].shape[0] == 5  # padded
     with torch.no_grad():
         got = question_sums(model, batch)
-    assert len(got) == len(expected) == 10
+    assert len(got) == len(expected) == 12
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
 
 

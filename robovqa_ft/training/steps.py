@@ -90,11 +90,13 @@ class ClipStepSampler(Sampler):
     questions over `step_questions`, so the step count, and the learning-rate schedule,
     is about the separate layout's, and the same every epoch): a clip goes to the step
     its first question would fall in, so every clip, and every question, is trained
-    exactly once an epoch. Each step's clips are dealt into `micro_batches` micro-batches
-    balanced by tokens (longest clip first, to the lightest micro-batch), which the ranks
-    take round-robin: the same number on every rank, and a step's clips the same on any
-    rank count. A micro-batch left without a clip (a step of fewer clips than
-    micro-batches) is an empty tuple: the collator's stand-in, which teaches nothing.
+    exactly once an epoch. Each step's clips are dealt, balanced by tokens (heaviest clip
+    first, to the lightest), to the `ranks` and then to each rank's share of the
+    `micro_batches`, which the ranks take round-robin: the same number on every rank, and
+    a step's clips the same on any rank count. A micro-batch left without a clip (a step
+    of fewer clips than micro-batches, as the seed recipe's 16 micro-batches of 2 and its
+    ~9 clips a step) is an empty tuple: the collator's one-token stand-in, which teaches
+    nothing.
     """
 
     def __init__(
@@ -104,11 +106,12 @@ class ClipStepSampler(Sampler):
         step_questions: int,
         micro_batches: int,
         seed: int,
+        ranks: int = 1,
     ):
         if len(tokens) != len(questions):
             raise ValueError(f"{len(tokens)} token counts for {len(questions)} clips")
         self.questions, self.tokens, self.seed = questions, tokens, seed
-        self.micro_batches = micro_batches
+        self.micro_batches, self.ranks = micro_batches, ranks
         self.steps = sum(questions) // step_questions
         self.epoch = 0
 
@@ -130,14 +133,20 @@ class ClipStepSampler(Sampler):
             yield from self.balanced(clips)
 
     def balanced(self, clips: list[int]) -> list[tuple[int, ...]]:
-        """`clips` dealt into the micro-batches, heaviest first to the lightest."""
-        bins: list[list[int]] = [[] for _ in range(self.micro_batches)]
-        load = [0] * self.micro_batches
+        """`clips` dealt to the ranks, then each rank's to its micro-batches, heaviest
+        first to the lightest, in the order the ranks take them round-robin."""
+        per_rank = self.micro_batches // self.ranks
+        mine = [self._deal(group, per_rank) for group in self._deal(clips, self.ranks)]
+        return [tuple(mine[rank][k]) for k in range(per_rank) for rank in range(self.ranks)]
+
+    def _deal(self, clips: list[int], bins: int) -> list[list[int]]:
+        dealt: list[list[int]] = [[] for _ in range(bins)]
+        load = [0] * bins
         for clip in sorted(clips, key=lambda c: -self.tokens[c]):
             lightest = load.index(min(load))
-            bins[lightest].append(clip)
+            dealt[lightest].append(clip)
             load[lightest] += self.tokens[clip]
-        return [tuple(b) for b in bins]
+        return dealt
 
 
 def training_order(
@@ -155,7 +164,7 @@ def training_order(
         step_questions = stage["batch_size"] * stage["grad_accum"]
         tokens = measured_token_counts(train_set, checkpoint_dir, current)
         sampler = ClipStepSampler(train_set.questions, tokens, step_questions,
-                                  stage["grad_accum"], training["seed"])  # fmt: skip
+                                  stage["grad_accum"], training["seed"], me.size)  # fmt: skip
         if sampler.steps == 0:
             raise ValueError(
                 f"{sum(train_set.questions)} training questions are fewer than one optimizer "

@@ -393,3 +393,16 @@ def test_val_losses_as_trees_equal_the_separate_ones(tiny_setup, tmp_path):
     assert loss_summary(records[True])["loss"] == pytest.approx(
         loss_summary(records[False])["loss"], rel=1e-6
     )
+
+
+def test_clip_steps_deal_each_rank_the_same_tokens_and_any_rank_count_the_same_clips():
+    generator = torch.Generator().manual_seed(2)
+    questions = torch.randint(2, 8, (90,), generator=generator).tolist()
+    tokens = [1050 + 75 * q for q in questions]
+    one, two = (ClipStepSampler(questions, tokens, 32, 16, seed=0, ranks=r) for r in (1, 2))
+    micro_one, micro_two = list(one), list(two)
+    for step in range(one.steps):
+        ones, twos = (m[step * 16 : (step + 1) * 16] for m in (micro_one, micro_two))
+        assert sorted(c for b in ones for c in b) == sorted(c for b in twos for c in b)
+        loads = [sum(tokens[c] for b in twos[rank::2] for c in b) for rank in (0, 1)]
+        assert abs(loads[0] - loads[1]) <= max(tokens)  # within one clip

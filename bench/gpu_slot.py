@@ -18,7 +18,9 @@ traceback of any failure to OUT/gpu_slot_errors.txt):
      counted executed FLOPs first; packing only with flash-attention 2), each built in memory on the GPU in bf16 with random weights (no 16 GB
      save and load; nf4 quantized where it sits, as `from_pretrained` would), prepared
      by the project's `prepare_model` and `attach_lora`; one warm-up and one timed step
-     of 32 samples per stage;
+     of 32 samples per stage, and for the two baselines a `stage1 tree` line: stage 1 as
+     config.yaml lays it out, steps of whole clips of 32 questions as trees (train_step's
+     docstring; a setup whose tree line failed in the smoke run keeps its other lines);
   4. the default it points to: the fewest seconds for a stage-1 plus a stage-2 step among
      the setups whose peak memory stays within 60 GB, so that it fits an 80 GB card.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib
 import os
 import platform
@@ -47,6 +50,7 @@ from synthetic import STAGES, processor_for, write_clips
 from train_step import (
     COLUMNS,
     LORA,
+    TREES,
     Setup,
     device_peak,
     encode,
@@ -54,6 +58,7 @@ from train_step import (
     lora_parameters,
     setups,
     stage_lines,
+    stage_samples,
     step_flops,
 )
 from transformers import InternVLForConditionalGeneration
@@ -78,18 +83,19 @@ def slot_setups(flash: bool, only: list[int] | None = None) -> list[tuple[int, S
 
 
 def flop_order(
-    chosen: list[tuple[int, Setup]], config, samples: dict[str, list[dict]], per_step: int
+    chosen: list[tuple[int, Setup]], config, samples: dict[str, list], per_step: int
 ) -> tuple[list[tuple[tuple[int, Setup], float]], list[tuple[tuple[int, Setup], float]]]:
     """(the setups to run, those left out), each with its counted executed FLOPs of a
-    stage-1 plus a stage-2 step (train_step.executed_flops): the baselines first, then the
-    fewest FLOPs first. Packing runs only with flash-attention 2, whose varlen kernel
-    attends within each sample: under SDPA a packed micro-batch is one row with a dense
-    block mask over all its samples (at stage 2, micro-batch 8, ~6x the attention of
-    padding to the longest), the slowest way to spend the slot."""
+    stage-1 plus a stage-2 step (train_step.executed_flops; stage 1 in the separate
+    layout, which every setup runs): the baselines first, then the fewest FLOPs first.
+    Packing runs only with flash-attention 2, whose varlen kernel attends within each
+    sample: under SDPA a packed micro-batch is one row with a dense block mask over all
+    its samples (at stage 2, micro-batch 8, ~6x the attention of padding to the
+    longest), the slowest way to spend the slot."""
     lora = lora_parameters(config, LORA["r"])
     counted = {
         number: sum(step_flops(config, setup, samples[stage], per_step, lora)[1]
-                    for stage in samples)
+                    for stage in STAGES)
         for number, setup in chosen
     }  # fmt: skip
 
@@ -176,8 +182,8 @@ def run_phase(
     dtype = getattr(torch, settings.dtype)
     processor = processor_for(paths, ARCHITECTURES[architecture]["image_size"])
     config = internvl_config(architecture, processor)
-    count = settings.samples_per_step * (1 + settings.steps)
-    samples = {stage: encode(paths, processor, stage, count) for stage in settings.stages}
+    samples = stage_samples(paths, processor, settings.stages, settings.samples_per_step,
+                            1 + settings.steps, any(s.trees for _, s in chosen))  # fmt: skip
     _, peak = device_peak(args)
     emit(f"## {title}: {architecture}, {settings.dtype}, built on {device}, "
          f"{settings.samples_per_step} samples a step, {settings.steps} timed")  # fmt: skip
@@ -324,13 +330,14 @@ def run_slot(args, started: float) -> None:
     if skipped or time.monotonic() > deadline:
         emit(f"skipped, the budget spent: {names(skipped, dtype)}; the full-size run")
     else:
-        passed = [
-            (n, s)
-            for n, s in chosen
-            if set(results.get(n, {})) == set(STAGES) and all(results[n].values())
-        ]
+        passed = [(n, s) for n, s in chosen
+                  if all(results.get(n, {}).get(stage) for stage in STAGES)]  # fmt: skip
         if failed := [(n, s) for n, s in chosen if (n, s) not in passed]:
             emit(f"left out, failed in the smoke run: {names(failed, dtype)}")
+        if no_trees := [(n, s) for n, s in passed if s.trees and not results[n].get(TREES)]:
+            emit(f"left out, the {TREES} line failed in the smoke run: {names(no_trees, dtype)}")
+            passed = [(n, dataclasses.replace(s, trees=False) if (n, s) in no_trees else s)
+                      for n, s in passed]  # fmt: skip
         full = argparse.Namespace(samples_per_step=16 if args.tiny else 32, steps=1,
                                   dtype=dtype, stages=STAGES)  # fmt: skip
         architecture = "tiny" if args.tiny else "internvl3-8b"

@@ -9,7 +9,16 @@ and stage 2 (10 frames, the clip's 2-7 questions, ~2.8k tokens), encoded by the 
 
 Per configuration and stage, one line: seconds per optimizer step of `--samples-per-step`
 samples (median of the timed steps; the first step is a warm-up), real tokens/s, model
-TFLOP/s, MFU, peak GPU memory, and the share of computed tokens that are real.
+TFLOP/s, MFU, peak GPU memory, the share of computed tokens that are real, the counted
+executed TFLOP of a step, and the samples a timed step held (questions at stage 1, clips at
+stage 2), counted by the collator.
+
+The seed's and bf16 LoRA's configurations also measure stage 1 as config.yaml lays it out
+(`stage1.layout: tree`, robovqa_ft/training/trees.py), on a `stage1 tree` line: each clip's
+questions as trees (`ClipTrees`), steps of whole clips of exactly `--samples-per-step`
+questions (`whole_clip_steps`), each step's clips dealt into its `samples-per-step /
+micro-batch` micro-batches as the training's `ClipStepSampler` deals them (one item each,
+padded or packed as the configuration says, always with the trees' 4-D mask).
 
 Model FLOPs per step (gradient-checkpointing recomputation not counted, as MFU requires):
   language model, per sample of T tokens: 4·N_lm·T (forward 2, input gradients 2; the
@@ -19,6 +28,14 @@ Model FLOPs per step (gradient-checkpointing recomputation not counted, as MFU r
   runs it on those positions alone, robovqa_ft/training/loss.py); vision tower and projector,
   frozen and before any LoRA, forward only, per tile: 2·N_vit·P + 4·L_v·d_v·P² +
   2·N_proj·P' (P = 1025 patches + class, P' = 256 tokens).
+  A tree (shared prefix of p tokens, then branches of b_k tokens) is counted as what it
+  computes, its real tokens T = p + Σb_k: the prefix once in every linear term; attention
+  6·L·d·(p² + Σ_k (2·p·b_k + b_k²)), each branch attending causally to the prefix and to
+  itself (each question's causal square, the prefix's own square once, not once per
+  question, and no square across branches); the head on its labelled tokens (the same as
+  its questions' apart); the vision tower on its frames once. So a tree of k questions
+  counts (k-1) prefixes' linear work, (k-1)·p² of attention and (k-1) sets of frames fewer
+  than its questions laid out separately: MFU is of the work done, not of the work saved.
 MFU = model FLOPs / (seconds per step × peak): 989 TFLOP/s dense bf16 for H100 SXM and
 H200 (the nf4 path computes in bf16 too); `--peak-tflops` for any other device.
 
@@ -32,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import os
 import platform
 import statistics
@@ -46,19 +64,22 @@ from torch.utils.data import Dataset
 from transformers import PrinterCallback, TrainerCallback
 from transformers.utils import is_flash_attn_2_available
 
+from robovqa_ft.training.attention import BRANCH
 from robovqa_ft.training.collate import collator
 from robovqa_ft.training.metrics import MetricsLog
 from robovqa_ft.training.model import attach_lora, load_model, load_processor
 from robovqa_ft.training.random_model import build_random_internvl, conversation_texts
 from robovqa_ft.training.samples import IGNORE_INDEX
-from robovqa_ft.training.steps import StepSampler
+from robovqa_ft.training.steps import ClipStepSampler, StepSampler
 from robovqa_ft.training.train import CurriculumTrainer, training_arguments
+from robovqa_ft.training.trees import ClipTrees
 
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
 LORA = CONFIG["lora"]  # r 128, alpha 256, as config.yaml
+TREES = "stage1 tree"  # the line of stage 1 in the tree layout
 COLUMNS = ("stage | quantization | gradient checkpointing | attention | micro-batch | padding | "
            "s/step | tokens/s | TFLOP/s | MFU | peak GB | real tokens | "
-           "executed TFLOP/step (counted)")  # fmt: skip
+           "executed TFLOP/step (counted) | samples/step")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +89,7 @@ class Setup:
     attention: str  # sdpa or flash_attention_2
     micro_batch: int
     padding: str  # longest, grouped or packed
+    trees: bool = False  # stage 1 in the tree layout too, a `TREES` line
 
     def label(self, dtype: str) -> str:
         quant = "QLoRA nf4" if self.quantization == "nf4" else f"LoRA {dtype}"
@@ -97,21 +119,44 @@ def setups(flash: bool) -> list[Setup]:
             dataclasses.replace(seed, attention="flash_attention_2", micro_batch=8,
                                 padding="packed"),
         ]  # fmt: skip
-    return chosen
+    # The baselines measure stage 1 in config.yaml's tree layout too (SDPA takes its mask).
+    return [dataclasses.replace(s, trees=True) if s in (seed, bf16) else s for s in chosen]
 
 
 class Samples(Dataset):
     """Encoded samples held in memory: the step time is the GPU's, not the data path's
-    (bench/dataloader.py measures that)."""
+    (bench/dataloader.py measures that). For the tree line each item is a clip's trees,
+    and a tuple of clips (a micro-batch, as `ClipTrees` takes it) gives all their trees."""
 
-    def __init__(self, samples: list[dict]):
+    def __init__(self, samples: list[dict] | list[list[dict]]):
         self.samples = samples
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, ...]) -> dict | list[dict]:
+        if isinstance(index, tuple):
+            return [tree for clip in index for tree in self.samples[clip]]
         return self.samples[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSteps:
+    """Stage 1 as trees, for the `TREES` line: each clip's trees and question count
+    (`ClipTrees`), its tokens as trees (`ClipTrees.token_counts`, by which the training
+    balances micro-batches), and the clips of each step (`whole_clip_steps`)."""
+
+    trees: list[list[dict]]
+    questions: list[int]
+    tokens: list[int]
+    per_step: int  # questions a step
+    steps: list[list[int]]
+
+    def micro_batches(self, count: int) -> list[list[tuple[int, ...]]]:
+        """Each step's clips dealt into `count` micro-batches, as the training deals them
+        (`ClipStepSampler.balanced`; an empty one is the collator's stand-in)."""
+        dealer = ClipStepSampler(self.questions, self.tokens, self.per_step, count, seed=0)
+        return [dealer.balanced(step) for step in self.steps]
 
 
 class Deadline(TrainerCallback):
@@ -129,7 +174,7 @@ class Deadline(TrainerCallback):
 
 
 class StepTimer(TrainerCallback):
-    """Wall time and real/computed tokens of each optimizer step."""
+    """Wall time, real/computed tokens and samples of each optimizer step."""
 
     def __init__(self, metrics: MetricsLog):
         self.metrics, self.steps = metrics, []
@@ -139,8 +184,9 @@ class StepTimer(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = time.perf_counter()
-        self.steps.append((now - self.last, self.metrics.tokens, self.metrics.computed))
-        self.metrics.tokens = self.metrics.computed = 0
+        self.steps.append((now - self.last, self.metrics.tokens, self.metrics.computed,
+                           self.metrics.samples))  # fmt: skip
+        self.metrics.tokens = self.metrics.computed = self.metrics.samples = 0
         self.last = now
 
 
@@ -162,9 +208,18 @@ def lora_parameters(config, r: int) -> int:
     return text.num_hidden_layers * per_layer
 
 
-def model_flops(config, lengths: list[int], labelled: int, tiles: int, lora_params: int) -> float:
+def model_flops(
+    config,
+    lengths: list[int],
+    labelled: int,
+    tiles: int,
+    lora_params: int,
+    squares: list[int] | None = None,
+) -> float:
     """Model FLOPs of one optimizer step over samples of `lengths` tokens, `labelled` of them
-    labelled, with `tiles` image tiles in all (module docstring)."""
+    labelled, with `tiles` image tiles in all (module docstring). `squares`: each sample's
+    attention, in units of one causal sequence's T² (`tree_squares` for a tree); by
+    default each sample is one causal sequence, T²."""
     text, vision = config.text_config, config.vision_config
     n_lm, layers, d = language_sizes(config)
     dv, lv = vision.hidden_size, vision.num_hidden_layers
@@ -173,7 +228,8 @@ def model_flops(config, lengths: list[int], labelled: int, tiles: int, lora_para
     projected = config.image_seq_length
     n_proj = 4 * dv * d + d * d  # 4096 -> 3584 -> 3584
     tokens = sum(lengths)
-    language = (4 * n_lm + 6 * lora_params) * tokens + 6 * layers * d * sum(t * t for t in lengths)
+    squares = [t * t for t in lengths] if squares is None else squares
+    language = (4 * n_lm + 6 * lora_params) * tokens + 6 * layers * d * sum(squares)
     language += 4 * d * text.vocab_size * labelled  # the head, on labelled positions only
     visual = tiles * (2 * n_vit * patches + 4 * lv * dv * patches**2 + 2 * n_proj * projected)
     return language + visual
@@ -207,20 +263,52 @@ def computed_layout(setup: Setup, lengths: list[int]) -> tuple[list[int], list[t
     return rows, squares
 
 
+def tree_layout(
+    setup: Setup, micro_batches: list[list[int]]
+) -> tuple[list[int], list[tuple[int, bool]]]:
+    """`computed_layout` of a step of trees, each micro-batch given by its trees' lengths:
+    a padded one is a row per tree, as long as its longest; a packed one is one row. A
+    tree always comes with its 4-D mask, so SDPA computes each row's whole square. An
+    empty micro-batch is the collator's stand-in, one token (its square counted whole
+    too: one FLOP unit)."""
+    rows: list[int] = []
+    for batch in micro_batches:
+        if not batch:
+            rows.append(1)
+        elif setup.padding == "packed":
+            rows.append(sum(batch))
+        else:
+            rows += [max(batch)] * len(batch)
+    return rows, [(row, True) for row in rows]
+
+
 def executed_flops(
     config, setup: Setup, lengths: list[int], labelled: int, tiles: int, lora_params: int
 ) -> float:
-    """FLOPs the kernels execute for one step (counted, not measured): the model FLOPs of
-    the computed rows (padding included) with their attention as `computed_layout` says,
-    and with gradient checkpointing each decoder layer's forward once more in the backward
-    pass."""
+    """FLOPs the kernels execute for one step (counted, not measured) of samples of
+    `lengths`: `layout_flops` of their `computed_layout`."""
     rows, squares = computed_layout(setup, lengths)
+    return layout_flops(config, setup, rows, squares, labelled, tiles, lora_params)
+
+
+def layout_flops(
+    config,
+    setup: Setup,
+    rows: list[int],
+    squares: list[tuple[int, bool]],
+    labelled: int,
+    tiles: int,
+    lora_params: int,
+) -> float:
+    """FLOPs the kernels execute for one step computed as `rows` with attention `squares`
+    (`computed_layout`): the model FLOPs of the rows (padding included) with those
+    squares, and with gradient checkpointing each decoder layer's forward once more in
+    the backward pass."""
     n_lm, layers, d = language_sizes(config)
-    causal_halves = sum((2 if whole else 1) * side * side for side, whole in squares)
-    flops = model_flops(config, rows, labelled, tiles, lora_params)
-    flops += 6 * layers * d * (causal_halves - sum(r * r for r in rows))  # model_flops' rows
+    causal_halves = [(2 if whole else 1) * side * side for side, whole in squares]
+    flops = model_flops(config, rows, labelled, tiles, lora_params, causal_halves)
     if setup.gradient_checkpointing:
-        flops += (2 * n_lm + 2 * lora_params) * sum(rows) + 2 * layers * d * causal_halves
+        flops += (2 * n_lm + 2 * lora_params) * sum(rows) + 2 * layers * d * sum(causal_halves)
     return flops
 
 
@@ -239,9 +327,94 @@ def step_flops(
     return model / len(steps), executed / len(steps)
 
 
+def tree_squares(tree: dict) -> int:
+    """A tree's attention in units of a causal T² (module docstring): p² + Σ_k (2·p·b_k +
+    b_k²) for a prefix of p tokens and branches of b_k."""
+    sizes = torch.bincount(tree[BRANCH]).tolist()
+    prefix, branches = sizes[0], sizes[1:]
+    return prefix * prefix + sum(2 * prefix * b + b * b for b in branches)
+
+
+def tree_step_flops(
+    config,
+    setup: Setup,
+    clips: ClipSteps,
+    micro_batches: list[list[tuple[int, ...]]],
+    lora_params: int,
+) -> tuple[float, float]:
+    """(model FLOPs, executed FLOPs) of the average step of `clips`' trees dealt into
+    `micro_batches` (`ClipSteps.micro_batches`)."""
+    model = executed = 0.0
+    for step in micro_batches:
+        batches = [[tree for clip in batch for tree in clips.trees[clip]] for batch in step]
+        trees = [tree for batch in batches for tree in batch]
+        labelled = sum(int((t["labels"] != IGNORE_INDEX).sum()) for t in trees)
+        tiles = sum(len(t["pixel_values"]) for t in trees)
+        model += model_flops(config, [len(t["input_ids"]) for t in trees], labelled, tiles,
+                             lora_params, [tree_squares(t) for t in trees])  # fmt: skip
+        rows, squares = tree_layout(setup, [[len(t["input_ids"]) for t in b] for b in batches])
+        executed += layout_flops(config, setup, rows, squares, labelled, tiles, lora_params)
+    return model / len(micro_batches), executed / len(micro_batches)
+
+
 def encode(paths: dict, processor, stage: str, count: int) -> list[dict]:
     dataset = stage_dataset(processor, paths, stage)
     return [dataset[i % len(dataset)] for i in range(count)]
+
+
+def whole_clip_steps(questions: list[int], per_step: int, steps: int) -> list[list[int]]:
+    """`steps` steps of whole clips (indices into `questions`, each clip's question count),
+    each of exactly `per_step` questions, so that a tree line's seconds compare with the
+    separate line's (the training's `ClipStepSampler` makes steps of about as many). The
+    clips are taken in order, round and round; one that would leave a remainder no clips
+    make up waits, first in line, for the next step."""
+    makes = [True] + [False] * per_step  # makes[n]: whole clips can add up to n questions
+    for n in range(1, per_step + 1):
+        makes[n] = any(q <= n and makes[n - q] for q in set(questions))
+    if not makes[per_step]:
+        raise ValueError(f"no whole clips of {sorted(set(questions))} questions make {per_step}")
+    upcoming, waiting = itertools.cycle(range(len(questions))), []
+    chosen = []
+    for _ in range(steps):
+        step, left = [], per_step
+        while left:
+            fits = [c for c in waiting if questions[c] <= left and makes[left - questions[c]]]
+            if fits:
+                clip = fits[0]
+                waiting.remove(clip)
+            else:
+                clip = next(upcoming)
+                if questions[clip] > left or not makes[left - questions[clip]]:
+                    waiting.append(clip)
+                    continue
+            step.append(clip)
+            left -= questions[clip]
+        chosen.append(step)
+    return chosen
+
+
+def encode_clip_steps(paths: dict, processor, per_step: int, steps: int) -> ClipSteps:
+    """The stage-1 clips' trees, as the training builds them, in `steps` steps of
+    `per_step` questions."""
+    clips = ClipTrees(stage_dataset(processor, paths, "stage1"))
+    return ClipSteps(
+        trees=[clips[c] for c in range(len(clips))], questions=clips.questions,
+        tokens=clips.token_counts(), per_step=per_step,
+        steps=whole_clip_steps(clips.questions, per_step, steps),
+    )  # fmt: skip
+
+
+def stage_samples(
+    paths: dict, processor, stages: list[str], per_step: int, steps: int, trees: bool
+) -> dict[str, list[dict] | ClipSteps]:
+    """Each stage's samples for `steps` steps of `per_step`, and with `trees` (and stage
+    1), stage 1's clips as trees under `TREES`."""
+    samples: dict[str, list[dict] | ClipSteps] = {
+        stage: encode(paths, processor, stage, per_step * steps) for stage in stages
+    }
+    if trees and "stage1" in stages:
+        samples[TREES] = encode_clip_steps(paths, processor, per_step, steps)
+    return samples
 
 
 def measure(
@@ -249,16 +422,19 @@ def measure(
     stage: str,
     model,
     processor,
-    samples: list[dict],
+    samples: list[dict] | ClipSteps,
     args,
     out: Path,
     deadline: float | None = None,
 ) -> dict | None:
     """Time `args.steps` optimizer steps after one warm-up step; returns the figures, or
-    None where `deadline` (time.monotonic) came before a timed step ended."""
-    stage_settings = {  # config.yaml's stage, with this setup's micro-batch
-        **CONFIG[stage], "batch_size": setup.micro_batch,
+    None where `deadline` (time.monotonic) came before a timed step ended. `stage` is a
+    stage of `STAGES`, or `TREES` with `samples` its `ClipSteps`."""
+    trees = stage == TREES
+    stage_settings = {  # config.yaml's stage, with this setup's micro-batch and the layout
+        **CONFIG["stage1" if trees else stage], "batch_size": setup.micro_batch,
         "grad_accum": args.samples_per_step // setup.micro_batch,
+        "layout": "tree" if trees else "separate",
     }  # fmt: skip
     training = {"max_steps": 1 + args.steps, "logging_steps": 10**6, "eval_steps": 10**6,
                 "save_steps": 10**6, "save_total_limit": 2, "seed": 0,
@@ -267,12 +443,15 @@ def measure(
     targs = training_arguments(out, stage_settings, training, model_settings)
     targs = dataclasses.replace(targs, eval_strategy="no", save_strategy="no", disable_tqdm=True)
     sampler = None
-    if setup.padding == "grouped":
+    if trees:  # one item a micro-batch: a tuple of whole clips
+        micro_batches = samples.micro_batches(stage_settings["grad_accum"])
+        sampler = [batch for step in micro_batches for batch in step]
+    elif setup.padding == "grouped":
         lengths = [len(s["input_ids"]) for s in samples]
         sampler = StepSampler(len(lengths), args.samples_per_step, 0, lengths)
     trainer = CurriculumTrainer(
-        model=model, args=targs, train_dataset=Samples(samples),
-        data_collator=collator(setup.padding, processor.tokenizer.pad_token_id),
+        model=model, args=targs, train_dataset=Samples(samples.trees if trees else samples),
+        data_collator=collator(setup.padding, processor.tokenizer.pad_token_id, setup.attention),
         metrics=MetricsLog(out, 0, 0), train_sampler=sampler,
     )  # fmt: skip
     timer = StepTimer(trainer.metrics)
@@ -289,31 +468,38 @@ def measure(
     if not timed:
         del trainer
         return None
-    seconds = statistics.median(t for t, _, _ in timed)
-    real = sum(r for _, r, _ in timed) / len(timed)
-    computed = sum(c for _, _, c in timed) / len(timed)
-    # Steps draw their samples at random: count the FLOPs of the average step.
+    seconds = statistics.median(t for t, _, _, _ in timed)
+    real = sum(r for _, r, _, _ in timed) / len(timed)
+    computed = sum(c for _, _, c, _ in timed) / len(timed)
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    flops, executed = step_flops(model.config, setup, samples, args.samples_per_step, lora_params)
+    if trees:  # the steps are fixed: count those timed
+        counted = micro_batches[1 : len(timer.steps)]
+        flops, executed = tree_step_flops(model.config, setup, samples, counted, lora_params)
+    else:  # steps draw their samples at random: count the FLOPs of the average step
+        flops, executed = step_flops(model.config, setup, samples, args.samples_per_step,
+                                     lora_params)  # fmt: skip
     del trainer
     return {"seconds": seconds, "tokens_per_s": real / seconds, "tflops": flops / seconds / 1e12,
-            "peak_gb": peak, "real_share": real / computed,
-            "executed_tflop": executed / 1e12}  # fmt: skip
+            "peak_gb": peak, "real_share": real / computed, "executed_tflop": executed / 1e12,
+            "samples_per_step": sum(n for _, _, _, n in timed) / len(timed)}  # fmt: skip
 
 
 def stage_lines(
     setup: Setup,
     model,
     processor,
-    samples: dict[str, list[dict]],
+    samples: dict[str, list[dict] | ClipSteps],
     args,
     out: Path,
     peak: float | None,
     deadline: float | None = None,
 ) -> Iterator[tuple[str, dict | None, str]]:
-    """Measure `setup` on each of `args.stages`: (stage, figures or None, its table line).
-    Past `deadline` (time.monotonic) no stage starts, and a running one ends at its step."""
-    for stage in args.stages:
+    """Measure `setup` on each of `args.stages`, then with `setup.trees` on stage 1 as
+    trees (`TREES`, last: a failure there costs no other line): (stage, figures or None,
+    its table line). Past `deadline` (time.monotonic) no stage starts, and a running one
+    ends at its step."""
+    trees = [TREES] if setup.trees and TREES in samples else []
+    for stage in [*args.stages, *trees]:
         label = f"{stage} | {setup.label(args.dtype)}"
         if deadline is not None and time.monotonic() > deadline:
             yield stage, None, f"{label} | not run: the budget is spent"
@@ -334,8 +520,8 @@ def stage_lines(
             mfu = f"{r['tflops'] / peak:.1%}" if peak else "n/a"
             memory = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
             figures = [f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.3g}",
-                       mfu, memory, f"{r['real_share']:.1%}",
-                       f"{r['executed_tflop']:.3g}"]  # fmt: skip
+                       mfu, memory, f"{r['real_share']:.1%}", f"{r['executed_tflop']:.3g}",
+                       f"{r['samples_per_step']:g}"]  # fmt: skip
             yield stage, r, " | ".join([label, *figures])
 
 
@@ -381,16 +567,17 @@ def main() -> None:
         )  # fmt: skip
         free_memory()
     processor = load_processor(model_dir)
-    count = args.samples_per_step * (1 + args.steps)
-    samples = {stage: encode(paths, processor, stage, count) for stage in args.stages}
-
     flash = is_flash_attn_2_available()
+    chosen = setups(flash)
+    trees = any(s.trees for n, s in enumerate(chosen, 1) if not args.only or n in args.only)
+    samples = stage_samples(paths, processor, args.stages, args.samples_per_step,
+                            1 + args.steps, trees)  # fmt: skip
+
     name, peak = device_peak(args)
     print(f"# {time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, "
           f"{architecture}, {args.samples_per_step} samples per step, "
           f"flash-attn {'installed' if flash else 'not installed'}")  # fmt: skip
     print(COLUMNS)
-    chosen = setups(flash)
     for number, setup in enumerate(chosen, 1):
         if args.only and number not in args.only:
             continue

@@ -29,16 +29,17 @@ def number(text: str) -> float:
 def test_train_step_prints_one_line_per_setup_and_stage(tmp_path):
     rows = table("train_step.py", "--tiny", "--workdir", str(tmp_path))
     header = rows[0]
-    assert header[-7:] == ["s/step", "tokens/s", "TFLOP/s", "MFU", "peak GB", "real tokens",
-                           "executed TFLOP/step (counted)"]  # fmt: skip
+    assert header[-8:] == ["s/step", "tokens/s", "TFLOP/s", "MFU", "peak GB", "real tokens",
+                           "executed TFLOP/step (counted)", "samples/step"]  # fmt: skip
     lines = [r for r in rows[1:] if r[0] in ("stage1", "stage2")]
+    trees = [r for r in rows[1:] if r[0] == "stage1 tree"]
     setups = {tuple(r[1:6]) for r in lines}
     assert len(lines) == 2 * len(setups) >= 16  # every setup, both stages
     assert {r[1] for r in lines} == {"QLoRA nf4", "LoRA float32"}
     assert {r[2] for r in lines} == {"gc on", "gc off"}
     assert {r[5] for r in lines} == {"longest", "grouped", "packed"}
     assert {r[4] for r in lines} >= {"2", "8"}
-    for r in lines:
+    for r in lines + trees:
         seconds, tokens_per_s, tflops = map(number, r[6:9])
         assert seconds > 0 and tokens_per_s > 0 and tflops > 0, r
         assert 0 < number(r[11]) <= 100
@@ -47,7 +48,84 @@ def test_train_step_prints_one_line_per_setup_and_stage(tmp_path):
         assert number(r[12]) >= tflops * seconds * 0.95, r
         if r[5] == "packed":
             assert r[11] == "100.0%"
+        # --tiny's 16 samples a step, as the collator counted them: stage 1's separate
+        # lines too, whatever config.yaml's stage-1 layout (a tree one made them 8)
+        assert r[13] == "16", r
+    # stage 1 as trees, for the seed's and bf16 LoRA's configurations: whole clips of as
+    # many questions a step as the separate line's, with fewer model FLOPs (the prefix and
+    # the frames once a clip)
+    separate = {tuple(r[1:6]): r for r in lines if r[0] == "stage1"}
+    assert [tuple(r[1:6]) for r in trees] == [
+        ("QLoRA nf4", "gc on", "sdpa", "2", "longest"),
+        ("LoRA float32", "gc on", "sdpa", "2", "longest"),
+    ]
+    for r in trees:
+        alone = separate[tuple(r[1:6])]
+        assert r[13] == alone[13] == "16"
+        assert number(r[8]) * number(r[6]) < 0.9 * number(alone[8]) * number(alone[6]), r
     assert (tmp_path / "model-tiny" / "config.json").exists()  # kept for the next run
+
+
+@pytest.fixture
+def stage1_clip(tmp_path) -> tuple[list[dict], list[dict]]:
+    """One synthetic clip's stage-1 questions encoded at config.yaml's settings (tiny
+    processor), and its trees as the training builds them."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from synthetic import processor_for, stage_dataset, write_clips
+
+    from robovqa_ft.training.trees import ClipTrees
+
+    paths = write_clips(tmp_path / "clips", 4)
+    clips = ClipTrees(stage_dataset(processor_for(paths, image_size=56), paths, "stage1"))
+    clip = max(range(len(clips)), key=lambda c: clips.questions[c])
+    return [clips.dataset[i] for i in clips.members[clip]], clips[clip]
+
+
+def test_train_step_counts_a_tree_as_its_real_tokens_with_the_prefix_once(stage1_clip):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_step import language_sizes, lora_parameters, model_flops, tree_squares
+    from transformers import InternVLConfig
+
+    from robovqa_ft.training.attention import BRANCH, visibility
+    from robovqa_ft.training.random_model import INTERNVL3_8B
+
+    questions, (tree,) = stage1_clip
+    k, length = len(questions), len(tree["input_ids"])
+    prefix = int((tree[BRANCH] == 0).sum())
+    assert k >= 3 and prefix > 0
+    # in units of a causal T² (T(T+1)/2 query-key pairs, T² in the formula): twice the
+    # pairs the tree's own mask lets attend, less the diagonal's T
+    seen = visibility(torch.zeros(1, length), tree[BRANCH][None], torch.ones(1, length, dtype=bool))
+    assert tree_squares(tree) == 2 * int(seen.sum()) - length
+    config = InternVLConfig(**copy.deepcopy(INTERNVL3_8B))
+    lora = lora_parameters(config, 128)
+
+    def flops(samples: list[dict], squares: list[int] | None = None) -> float:
+        labelled = sum(int((s["labels"] != -100).sum()) for s in samples)
+        return model_flops(config, [len(s["input_ids"]) for s in samples], labelled,
+                           sum(len(s["pixel_values"]) for s in samples), lora, squares)  # fmt: skip
+
+    # the questions apart count the prefix, its attention square and the frames k times;
+    # the tree once, and nothing else differs (the same branches, the same labels)
+    n_lm, layers, d = language_sizes(config)
+    frames = model_flops(config, [], 0, len(tree["pixel_values"]), lora)
+    repeated = (4 * n_lm + 6 * lora) * prefix + 6 * layers * d * prefix**2 + frames
+    assert flops(questions) - flops([tree], [tree_squares(tree)]) == (k - 1) * repeated
+
+
+def test_train_step_tree_steps_are_whole_clips_of_exactly_the_separate_steps_questions():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_step import whole_clip_steps
+
+    questions = [2, 7, 3, 5, 4, 2, 6, 3, 7, 7]
+    steps = whole_clip_steps(questions, 32, 6)  # 6 steps of 32 from 46 questions: round again
+    assert len(steps) == 6 and all(sum(questions[c] for c in step) == 32 for step in steps)
+    assert {c for step in steps for c in step} == set(range(len(questions)))
+    # 7 + 7 leaves 2, which no clip fills: the 3 comes first and a 7 waits
+    sevens = [7, 7, 3]
+    assert [sum(sevens[c] for c in step) for step in whole_clip_steps(sevens, 16, 3)] == [16] * 3
+    with pytest.raises(ValueError, match="make 6"):
+        whole_clip_steps([4, 4], 6, 1)
 
 
 def test_train_step_flops_follow_the_stated_formula():
@@ -88,7 +166,7 @@ def slot_report(tmp_path: Path, *args: str) -> list[str]:
 
 @pytest.mark.slow
 def test_gpu_slot_reports_versions_each_setup_of_both_runs_and_the_default(tmp_path):
-    lines = slot_report(tmp_path, "--only", "2", "7", "--budget-seconds", "600")
+    lines = slot_report(tmp_path, "--only", "1", "7", "--budget-seconds", "600")
     for package in ("python", "torch", "transformers", "peft", "accelerate"):
         assert re.search(rf", {package} [0-9][^ ]* \(/", lines[0]), package  # version, folder
     phases = [i for i, line in enumerate(lines) if line.startswith("## ")]
@@ -97,9 +175,13 @@ def test_gpu_slot_reports_versions_each_setup_of_both_runs_and_the_default(tmp_p
         rows = [line.split(" | ") for line in lines[start:end] if line.startswith("stage")]
         measured = [(r[0], r[1]) for r in rows if r[1] != "quantization"]
         assert measured == [("stage1", "QLoRA nf4"), ("stage2", "QLoRA nf4"),
+                            ("stage1 tree", "QLoRA nf4"),  # a baseline: stage 1 as trees too
                             ("stage1", "LoRA float32"), ("stage2", "LoRA float32")]  # fmt: skip
         assert all(float(r[6]) > 0 for r in rows if r[1] != "quantization")  # s/step
-    assert re.match(r"default: setup [27], ", lines[-2]), lines[-2]
+        per_step = re.search(r", (\d+) samples a step", lines[start]).group(1)  # 8, then 16
+        questions = {r[0]: r[13] for r in rows if r[1] == "QLoRA nf4"}
+        assert questions == {"stage1": per_step, "stage2": per_step, "stage1 tree": per_step}
+    assert re.match(r"default: setup [17], ", lines[-2]), lines[-2]
     assert lines[-1].startswith("# done in")
 
 
@@ -174,9 +256,19 @@ def test_dataloader_benchmark_reports_rates_and_parts():
     assert parts >= {("stage1", "decode"), ("stage1", "encode"), ("stage2", "collate")}
 
 
+@pytest.fixture(scope="module")
+def flops_rows(tmp_path_factory) -> list[list[str]]:
+    """The tables of one tiny run of flops.py, for the tests below."""
+    return table("flops.py", "--tiny", "--workdir", str(tmp_path_factory.mktemp("flops")))
+
+
+def close(a: float, b: float) -> bool:  # the tables round to 4 significant digits
+    return abs(a - b) <= 1e-2 * abs(b)
+
+
 @pytest.mark.slow
-def test_flops_benchmark_counts_every_group_and_the_recompute_beside_the_formula(tmp_path):
-    rows = table("flops.py", "--tiny", "--workdir", str(tmp_path))
+def test_flops_benchmark_counts_every_group_and_the_recompute_beside_the_formula(flops_rows):
+    rows = flops_rows
     header = [r for r in rows if r[0] == "stage"]
     assert header[0] == ["stage", "checkpointing", "vision", "projector", "language model",
                          "LoRA", "head", "other", "recompute", "executed", "model",
@@ -190,10 +282,6 @@ def test_flops_benchmark_counts_every_group_and_the_recompute_beside_the_formula
     runs = {(stage, gc) for stage in ("stage1", "stage2") for gc in ("gc off", "gc on")}
     assert set(steps) == runs
     assert {key[:2] for key in phases} == runs and {key[2] for key in phases} == set(names[:6])
-
-    def close(a: float, b: float) -> bool:  # the table rounds to 4 significant digits
-        return abs(a - b) <= 1e-2 * abs(b)
-
     for (stage, gc), f in steps.items():
         assert all(f[g] > 0 for g in ("vision", "projector", "language model", "LoRA", "head"))
         assert f["other"] == 0  # every counted FLOP belongs to a group
@@ -208,6 +296,25 @@ def test_flops_benchmark_counts_every_group_and_the_recompute_beside_the_formula
         else:  # the language model's forward, once more
             assert close(recompute, forward) and f["recompute"] > recompute
     assert steps["stage2", "gc off"]["executed"] > steps["stage1", "gc off"]["executed"]
+
+
+@pytest.mark.slow
+def test_flops_benchmark_counts_fewer_flops_per_question_for_stage1_trees(flops_rows):
+    start = flops_rows.index(["stage1 per question", "separate", "tree", "separate/tree"])
+    lines = {r[0]: r[1:] for r in flops_rows[start + 1 :]}
+    assert list(lines) == ["vision", "projector", "language model", "LoRA", "head", "other",
+                           "recompute", "executed"]  # fmt: skip
+    per_question = {name: (float(r[0]), float(r[1])) for name, r in lines.items()}
+    ratios = {name: number(r[2]) for name, r in lines.items() if r[2] != "-"}
+    assert per_question["other"] == (0, 0) and lines["other"][2] == "-"
+    separate, tree = per_question["executed"]
+    assert ratios["executed"] > 1 and close(ratios["executed"], separate / tree)
+    for name in ("vision", "projector", "language model", "LoRA", "head", "recompute"):
+        assert per_question[name][1] > 0 and ratios[name] >= 1, name
+    # the frames run once a clip instead of once a question: 3.6 questions a clip
+    assert ratios["vision"] == ratios["projector"] == 3.6
+    assert ratios["head"] == 1  # the same labelled tokens, whichever the layout
+    assert close(tree, sum(per_question[name][1] for name in list(lines)[:-1]))
 
 
 @pytest.mark.slow

@@ -18,47 +18,52 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-# Per-token keys of a collated batch that are the layout's, not model inputs.
+# Per-token keys of a collated batch that are the layout's, not model inputs: what the
+# mask is made of, on the model's device (`model_inputs`).
+SEGMENT = "segment"  # a packed row's samples or trees, 0, 1, ...; 0 in a padded row
 BRANCH = "branch"  # 0 for a tree's prefix (and every token of a plain sample), k for branch k
 REAL = "real_tokens_mask"  # (rows, length) bool: the tokens that are not padding
 
 
 def visibility(segment: torch.Tensor, branch: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """(rows, 1, length, length) bool, True where query i may attend to key j."""
+    """(rows, 1, length, length) bool, True where query i may attend to key j; made in
+    place, so that a long packed row holds about two L×L masks at once, not six."""
     length = segment.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    same_segment = segment[:, :, None] == segment[:, None, :]
+    seen = segment[:, :, None] == segment[:, None, :]
+    seen &= torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
     key_branch = branch[:, None, :]
-    same_branch = (key_branch == 0) | (key_branch == branch[:, :, None])
-    seen = causal & same_segment & same_branch & real[:, :, None] & real[:, None, :]
-    seen |= torch.eye(length, dtype=torch.bool) & ~real[:, :, None]  # padding sees itself
+    seen &= (key_branch == 0) | (key_branch == branch[:, :, None])
+    seen &= real[:, :, None] & real[:, None, :]
+    padding = ~real
+    index = torch.arange(length, device=segment.device)
+    seen[:, index, index] |= padding  # padding sees itself
     return seen[:, None]
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool visibility mask as the float mask that SDPA and eager attention add to their
-    scores: 0 where seen, the dtype's minimum elsewhere (eager cannot take a bool one)."""
-    zeros = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return zeros.masked_fill(~mask, torch.finfo(dtype).min)
+    """A bool visibility mask as the float mask that eager attention adds to its scores
+    (it cannot take a bool one): 0 where seen, the dtype's minimum elsewhere."""
+    return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
 def model_inputs(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-    """The model's inputs from a collated batch's (`collate.split_counters`): a 4-D
-    visibility mask made additive in the model's dtype, and for a model with 3-D rotary
-    positions (Qwen-VL) the batch's 1-D positions made 3-D. Batches with a plain 2-D
-    padding mask pass unchanged, bar the layout keys."""
+    """The model's inputs from a collated batch's (`collate.split_counters`): for rows of
+    more than one sequence (trees, packed rows), the 4-D visibility mask made here, on the
+    batch's device (bool for SDPA, additive in the model's dtype for eager), and for a
+    model with 3-D rotary positions (Qwen-VL) the batch's 1-D positions made 3-D. Batches
+    with a plain 2-D padding mask pass unchanged."""
     inputs = dict(inputs)
-    real = inputs.pop(REAL, None)
-    branch = inputs.pop(BRANCH, None)
-    mask = inputs.get("attention_mask")
-    if mask is None or mask.dim() != 4:
+    segment, branch, real = (inputs.pop(k, None) for k in (SEGMENT, BRANCH, REAL))
+    if real is None:
         return inputs
     base = extract_model_from_parallel(model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base  # peft's
+    mask = visibility(segment, branch, real)
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        mask = additive(mask, base.get_input_embeddings().weight.dtype)
+    inputs["attention_mask"] = mask
     inner = base.model  # InternVLModel, Qwen2_5_VLModel, Qwen3VLModel
-    dtype = base.get_input_embeddings().weight.dtype
-    inputs["attention_mask"] = additive(mask, dtype)
-    if hasattr(inner, "get_rope_index") and "position_ids" in inputs:
+    if hasattr(inner, "get_rope_index"):
         inputs["position_ids"] = rope_positions(inner, inputs, real, branch)
     return inputs
 

@@ -3,8 +3,9 @@ model inputs, padded to its longest (`longest`, `grouped`) or packed end to end 
 row (`packed`), with the counters the metrics read (questions, trees, real and computed
 tokens, prefix tokens saved, dropped turns, skipped samples) and the flat positions whose
 next token is predicted (the loss's). Rows of more than one causal sequence (trees,
-packed rows) get their 4-D visibility mask from `attention.visibility`, the one place
-that builds masks.
+packed rows) carry per token what the mask is made of (`SEGMENT`, `BRANCH`, `REAL`):
+`attention.model_inputs` builds the 4-D mask from them on the model's device, the one
+place that builds masks (an L×L mask made here would cross to the GPU at every step).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from robovqa_ft.training.attention import BRANCH, REAL, visibility
+from robovqa_ft.training.attention import BRANCH, REAL, SEGMENT
 from robovqa_ft.training.samples import IGNORE_INDEX
 
 # Beside the model inputs, a collated batch holds what the training step reads of it, made
@@ -34,7 +35,7 @@ PREDICTING = "predicting_positions"
 
 def split_counters(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
     """(the inputs, the counters) of a collated batch; its `PREDICTING` positions are in
-    neither. The inputs keep the layout's keys (`BRANCH`, `REAL`), which
+    neither. The inputs keep the layout's keys (`SEGMENT`, `BRANCH`, `REAL`), which
     `attention.model_inputs` turns into the model's."""
     inputs = {k: v for k, v in batch.items() if k not in (*COUNTERS, PREDICTING)}
     return inputs, {k: batch[k] for k in COUNTERS}
@@ -106,7 +107,8 @@ def pack_batch(samples: list, pad_token_id: int = 0, masked: bool = True) -> dic
     """Padding-free: the micro-batch as one row with no padding at all.
 
     Each sample or tree keeps its own positions (restarting at 0) and, `masked`, sees only
-    itself through the 4-D visibility mask (a packed row of trees is trees end to end);
+    itself through the 4-D visibility mask (a packed row of trees is trees end to end:
+    each its own `SEGMENT`);
     unmasked (flash-attention), transformers keeps the samples apart from the restarting
     positions. Each sample's first label is ignored, so no sample learns to predict the
     next one's start. Only for 1-D rotary positions (InternVL).
@@ -133,9 +135,8 @@ def pack_batch(samples: list, pad_token_id: int = 0, masked: bool = True) -> dic
         segment = torch.cat([torch.full((len(s["input_ids"]),), i) for i, s in enumerate(samples)])
         branch = torch.cat([s.get(BRANCH, torch.zeros(len(s["input_ids"]), dtype=torch.long))
                             for s in samples])[None]  # fmt: skip
-        real_mask = torch.ones_like(branch, dtype=torch.bool)
-        batch["attention_mask"] = visibility(segment[None], branch, real_mask)
-        batch[BRANCH], batch[REAL] = branch, real_mask
+        batch[SEGMENT], batch[BRANCH] = segment[None], branch
+        batch[REAL] = torch.ones_like(branch, dtype=torch.bool)
     # With a KV cache (on by default in eval mode), transformers does not look for packed
     # samples and lets them attend to each other: silently wrong logits.
     batch["use_cache"] = False
@@ -144,8 +145,9 @@ def pack_batch(samples: list, pad_token_id: int = 0, masked: bool = True) -> dic
 
 def pad_batch(samples: list, pad_token_id: int, side: str = "right") -> dict[str, Any]:
     """Pad token sequences (right for training, left for generation); concatenate the
-    visual inputs (tiles in prompt order). Trees (one a row) get their 4-D visibility mask
-    and their own positions; plain samples the usual 2-D padding mask."""
+    visual inputs (tiles in prompt order). Trees (one a row) keep their own positions and
+    what their 4-D visibility mask is made of; plain samples get the usual 2-D padding
+    mask."""
     samples = _flattened(samples)
     given, real = len(samples), sum(s is not None for s in samples)
     samples = _present(samples, pad_token_id)
@@ -173,8 +175,7 @@ def pad_batch(samples: list, pad_token_id: int, side: str = "right") -> dict[str
             raise ValueError("trees are for training: right padding only")
         lengths = torch.tensor([len(s["input_ids"]) for s in samples])
         real_mask = torch.arange(length)[None] < lengths[:, None]
-        segment = torch.zeros_like(batch[BRANCH])
-        batch["attention_mask"] = visibility(segment, batch[BRANCH], real_mask)
-        batch[REAL] = real_mask
+        del batch["attention_mask"]  # made on the device from these
+        batch[SEGMENT], batch[REAL] = torch.zeros_like(batch[BRANCH]), real_mask
         batch["use_cache"] = False
     return _counters(batch, samples, real, given)

@@ -15,7 +15,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from robovqa_ft.training.attention import model_inputs
+from robovqa_ft.training.attention import BRANCH, REAL, SEGMENT, model_inputs, visibility
 from robovqa_ft.training.collate import (
     PREDICTING,
     collator,
@@ -552,7 +552,8 @@ def test_pack_batch_lays_samples_end_to_end_with_restarting_positions(data, inte
     batch = pack_batch([a, None, b])
     n_a, n_b = len(a["input_ids"]), len(b["input_ids"])
     assert batch["input_ids"].shape == batch["labels"].shape == (1, n_a + n_b)
-    mask = batch["attention_mask"][0, 0]  # 4-D: each sample sees itself, causally
+    assert "attention_mask" not in batch  # made on the device, from:
+    mask = visibility(batch[SEGMENT], batch[BRANCH], batch[REAL])[0, 0]
     assert mask.shape == (n_a + n_b, n_a + n_b)
     assert mask[:n_a, :n_a].equal(torch.ones(n_a, n_a, dtype=torch.bool).tril())
     assert not mask[n_a:, :n_a].any() and not mask[:n_a, n_a:].any()
@@ -609,7 +610,7 @@ def test_packed_loss_equals_padded_loss(data, internvl, attention):
     # positions alone would change nothing: under the mask a sample shifted whole is the
     # same to rotary attention, which sees only distances.)
     leaky = pack_batch(samples)
-    leaky["attention_mask"] = torch.ones_like(leaky["attention_mask"]).tril()
+    leaky[SEGMENT] = torch.zeros_like(leaky[SEGMENT])
     assert loss_and_grads(leaky)[0] != pytest.approx(padded, rel=1e-3)
 
 

@@ -29,7 +29,7 @@ from transformers import (
 
 from robovqa_ft.evaluation.journal import Journal
 from robovqa_ft.evaluation.val_losses import loss_summary, sample_losses
-from robovqa_ft.training.attention import BRANCH, model_inputs
+from robovqa_ft.training.attention import BRANCH, SEGMENT, model_inputs
 from robovqa_ft.training.collate import collator, split_counters
 from robovqa_ft.training.loss import labelled_token_losses
 from robovqa_ft.training.model import (
@@ -124,7 +124,8 @@ def test_each_questions_loss_from_a_padded_batch_of_trees_is_its_separate_sample
     model, builder = internvl["models"][attention], internvl["builder"]
     expected = separate_sums(model, builder, internvl["clips"], internvl["pad"])
     batch = collator("longest", internvl["pad"])(tree_items(builder, internvl["clips"]))
-    assert batch["attention_mask"].dim() == 4 and batch["input_ids"].shape[0] == 5  # padded
+    assert "attention_mask" not in batch and batch[SEGMENT].shape == batch["input_ids"].shape
+    assert batch["input_ids"].shape[0] == 5  # a tree a row, padded
     with torch.no_grad():
         got = question_sums(model, batch)
     assert len(got) == len(expected) == 12

@@ -177,25 +177,21 @@ class SampleBuilder:
         learnt once (`_frame_tokens`, from `rows[0]` if still unknown). No other frame is
         decoded.
         """
+        return [self.length_of(ids, frames) for ids, frames in self.text_tokens(rows)]
+
+    def text_tokens(self, rows: list[dict]) -> list[tuple[list[int], int]]:
+        """Each row's chat-text token ids (a placeholder a frame) and the tokens its frames
+        add when the processor expands them (see `token_lengths`)."""
         frames = [self._frame_count(row) for row in rows]
         texts = [self._text(row, n) for row, n in zip(rows, frames, strict=True)]
         token_ids = self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
         per_frame = self._frame_tokens(rows[0])
-        lengths = []
-        for ids, n in zip(token_ids, frames, strict=True):
-            through_last_answer = len(ids) - ids[::-1].index(self.end)  # as `encode` cuts
-            lengths.append(min(through_last_answer + n * per_frame, self.max_seq_len))
-        return lengths
+        return [(ids, n * per_frame) for ids, n in zip(token_ids, frames, strict=True)]
 
-    def shared_tokens(self, rows: list[dict]) -> int:
-        """The leading tokens that `rows` (questions about the same frames) share, their
-        frames included, from their text alone (as `token_lengths`)."""
-        frames = self._frame_count(rows[0])
-        texts = [self._text(row, frames) for row in rows]
-        ids = self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        common = min(len(x) for x in ids)
-        common = next((i for i in range(common) if len({x[i] for x in ids}) > 1), common)
-        return common + frames * self._frame_tokens(rows[0])
+    def length_of(self, ids: list[int], frame_tokens: int) -> int:
+        """The encoded length of a row of these `text_tokens`, cut as `encode` cuts."""
+        through_last_answer = len(ids) - ids[::-1].index(self.end)
+        return min(through_last_answer + frame_tokens, self.max_seq_len)
 
     def _frame_count(self, row: dict) -> int:
         return len(frame_indices(len(row["images"]), self.max_frames))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from torch.utils.data import Sampler
 from robovqa_ft.core.files import write_json_atomic
 from robovqa_ft.training import ranks
 from robovqa_ft.training.samples import JsonlDataset
-from robovqa_ft.training.trees import ClipTrees, measured_token_counts
+from robovqa_ft.training.trees import ClipTrees
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +157,24 @@ def training_order(
     current: str,
 ) -> StepSampler | ClipStepSampler:
     """The sampler of whole optimizer steps; for length grouping, with the samples' token
-    lengths, measured once per run by rank 0 and kept beside its checkpoints. Trees
-    (`ClipTrees`) are dealt by clip, with their token counts measured the same way."""
+    lengths, measured once per run (`measured_once`). Trees (`ClipTrees`) are dealt by
+    clip, with their token counts measured the same way."""
     me = ranks.world()
+    step = stage["batch_size"] * stage["grad_accum"]
     if isinstance(train_set, ClipTrees):
-        step_questions = stage["batch_size"] * stage["grad_accum"]
-        tokens = measured_token_counts(train_set, checkpoint_dir, current)
-        sampler = ClipStepSampler(train_set.questions, tokens, step_questions,
-                                  stage["grad_accum"], training["seed"], me.size)  # fmt: skip
+        largest = max(range(len(train_set)), key=lambda c: train_set.questions[c])
+        if train_set.questions[largest] > step:
+            raise ValueError(
+                f"clip {train_set.clips[largest]} has {train_set.questions[largest]} "
+                f"questions, more than a step's {step} (batch_size × grad_accum): a step of "
+                "stage1.layout 'tree' holds whole clips; make the step at least that, or "
+                "use stage1.layout 'separate'"
+            )
+        tokens = measured_once(checkpoint_dir, "tree_tokens", current, train_set.token_counts,
+                               f"{len(train_set)} clips' tokens as trees, to balance "
+                               "micro-batches")  # fmt: skip
+        sampler = ClipStepSampler(train_set.questions, tokens, step, stage["grad_accum"],
+                                  training["seed"], me.size)  # fmt: skip
         if sampler.steps == 0:
             raise ValueError(
                 f"{sum(train_set.questions)} training questions are fewer than one optimizer "
@@ -174,20 +184,11 @@ def training_order(
                  "(%d clips, %d questions)", sampler.steps, sum(train_set.questions) /
                  sampler.steps, len(train_set), sum(train_set.questions))  # fmt: skip
         return sampler
-    step = stage["batch_size"] * stage["grad_accum"]
     lengths = None
     if training["padding"] == "grouped":
-        path = checkpoint_dir / f"token_lengths-{current[:16]}.json"
-        if me.is_main and not path.exists():
-            log.info("Measuring %d samples' token lengths for length grouping", len(train_set))
-            write_json_atomic(path, train_set.token_lengths())
-            for old in checkpoint_dir.glob("token_lengths-*.json"):
-                if old != path:
-                    old.unlink()
-        else:
-            log.info("Token lengths for length grouping from %s", path)
-        ranks.barrier()
-        lengths = json.loads(path.read_text())
+        lengths = measured_once(checkpoint_dir, "token_lengths", current,
+                                train_set.token_lengths, f"{len(train_set)} samples' token "
+                                "lengths for length grouping")  # fmt: skip
     sampler = StepSampler(
         len(train_set), step, training["seed"], lengths, stage["batch_size"], me.size
     )
@@ -202,6 +203,25 @@ def training_order(
             "epoch's shuffle are left out", sampler.steps, step, len(train_set) - len(sampler),
         )  # fmt: skip
     return sampler
+
+
+def measured_once(
+    checkpoint_dir: Path, name: str, current: str, measure: Callable[[], list[int]], what: str
+) -> list[int]:
+    """`measure()`, run by rank 0 once per run (its fingerprint `current`) and kept beside
+    its checkpoints as `<name>-<fingerprint>.json` (an older run's deleted); every rank
+    reads it."""
+    path = checkpoint_dir / f"{name}-{current[:16]}.json"
+    if ranks.world().is_main and not path.exists():
+        log.info("Measuring %s", what)
+        write_json_atomic(path, measure())
+        for old in checkpoint_dir.glob(f"{name}-*.json"):
+            if old != path:
+                old.unlink()
+    else:
+        log.info("%s from %s", what[0].upper() + what[1:], path)
+    ranks.barrier()
+    return json.loads(path.read_text())
 
 
 def finished_at(checkpoint: Path) -> bool:

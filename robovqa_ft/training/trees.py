@@ -17,21 +17,14 @@ in the separate layout.
 
 from __future__ import annotations
 
-import json
-import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from robovqa_ft.core.files import write_json_atomic
 from robovqa_ft.core.settings import LAYOUTS, tree_attention_problem
-from robovqa_ft.training import ranks
 from robovqa_ft.training.attention import BRANCH
 from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset
-
-log = logging.getLogger(__name__)
 
 
 def check_layout(stage: dict, attention: str) -> None:
@@ -142,31 +135,38 @@ class ClipTrees(Dataset):
             trees += clip_trees(samples, builder.max_seq_len)
         return trees
 
-    def token_counts(self) -> list[int]:
-        """Each clip's tokens as trees, from the text alone: its questions' lengths
-        (`SampleBuilder.token_lengths`) less what they share (`SampleBuilder.
-        shared_tokens`) for all but one. For balancing micro-batches: it ignores the
-        split of a tree longer than `max_seq_len`, where an estimate serves."""
-        lengths = self.dataset.token_lengths()
-        counts = []
-        for members in self.members:
-            total = sum(lengths[i] for i in members)
-            if len(members) > 1:
-                shared = self.dataset.builder.shared_tokens([self.dataset.row(i) for i in members])
-                total -= shared * (len(members) - 1)
-            counts.append(total)
-        return counts
+    def token_counts(self, chunk: int = 2048) -> list[int]:
+        """Each clip's tokens as trees, from the text alone, in one pass over the file: its
+        questions' lengths (`SampleBuilder.token_lengths`) less, for all but one, what
+        they share (their common text and their frames). For balancing micro-batches:
+        it ignores the split of a tree longer than `max_seq_len`, where an estimate
+        serves."""
+        builder = self.dataset.builder
+        clip_of = {index: clip for clip, members in enumerate(self.members) for index in members}
+        total, frame_tokens = [0] * len(self), [0] * len(self)
+        shared: list[list[int] | None] = [None] * len(self)
+
+        def add(rows: list[tuple[int, dict]]) -> None:
+            texts = builder.text_tokens([row for _, row in rows])
+            for (index, _), (ids, frames) in zip(rows, texts, strict=True):
+                clip = clip_of[index]
+                total[clip] += builder.length_of(ids, frames)
+                frame_tokens[clip] = frames
+                shared[clip] = ids if shared[clip] is None else _common(shared[clip], ids)
+
+        rows: list[tuple[int, dict]] = []
+        for index, row in enumerate(self.dataset.rows()):
+            rows.append((index, row))
+            if len(rows) == chunk:
+                add(rows)
+                rows = []
+        if rows:
+            add(rows)
+        counted = zip(total, shared, frame_tokens, self.questions, strict=True)
+        return [t - (len(s or []) + f) * (q - 1) for t, s, f, q in counted]
 
 
-def measured_token_counts(trees: ClipTrees, checkpoint_dir: Path, current: str) -> list[int]:
-    """`ClipTrees.token_counts`, measured once per run by rank 0 and kept beside its
-    checkpoints (as the separate layout's token lengths for grouping)."""
-    path = checkpoint_dir / f"tree_tokens-{current[:16]}.json"
-    if ranks.world().is_main and not path.exists():
-        log.info("Measuring %d clips' tokens as trees, to balance micro-batches", len(trees))
-        write_json_atomic(path, trees.token_counts())
-        for old in checkpoint_dir.glob("tree_tokens-*.json"):
-            if old != path:
-                old.unlink()
-    ranks.barrier()
-    return json.loads(path.read_text())
+def _common(a: list[int], b: list[int]) -> list[int]:
+    """The longest common prefix of two token lists."""
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return a[:n]

@@ -126,7 +126,7 @@ def test_grouped_training_pads_less_than_longest(tiny_setup, tmp_path):
     shutil.rmtree(grouped / "adapter")
     run(tiny_setup, grouped, max_steps=6, padding="grouped", stage={"batch_size": 2})
     log = (grouped / "training.log").read_text()
-    assert log.count("Measuring") == 1 and "Token lengths for length grouping from" in log
+    assert log.count("Measuring") == 1 and "token lengths for length grouping: from" in log
 
 
 def test_packing_is_refused_for_qwen_vl_models_before_anything_loads(tmp_path):

@@ -41,7 +41,7 @@ from robovqa_ft.training.model import (
 )
 from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder
 from robovqa_ft.training.steps import ClipStepSampler
-from robovqa_ft.training.trees import build_tree, clip_trees, shared_prefix
+from robovqa_ft.training.trees import ClipTrees, build_tree, clip_trees, shared_prefix
 
 QUESTIONS = [
     ("put cup Q: satisfied?", "yes"),
@@ -407,3 +407,21 @@ def test_clip_steps_deal_each_rank_the_same_tokens_and_any_rank_count_the_same_c
         assert sorted(c for b in ones for c in b) == sorted(c for b in twos for c in b)
         loads = [sum(tokens[c] for b in twos[rank::2] for c in b) for rank in (0, 1)]
         assert abs(loads[0] - loads[1]) <= max(tokens)  # within one clip
+
+
+def test_tree_token_counts_from_text_are_the_built_trees_lengths(tiny_setup):
+    processor = load_processor(tiny_setup["model"])
+    builder = SampleBuilder(processor, model_family(tiny_setup["model"]), tiny_setup["images"],
+                            4, 512)  # fmt: skip
+    trees = ClipTrees(JsonlDataset(tiny_setup["stage1_train"], builder))
+    counts = trees.token_counts(chunk=5)  # chunks that cut through clips
+    for clip in range(0, len(trees), 7):
+        assert counts[clip] == sum(len(t["input_ids"]) for t in trees[clip])
+
+
+def test_a_clip_with_more_questions_than_a_step_is_refused_before_training(tiny_setup, tmp_path):
+    # the tiny setup's clips have 2 questions; a step of 1 cannot hold one
+    with pytest.raises(ValueError, match="has 2 questions, more than a step's 1"):
+        train_tiny(tiny_setup, tmp_path / "run",
+                   stage={"layout": "tree", "batch_size": 1, "grad_accum": 1})  # fmt: skip
+    assert not list((tmp_path / "run").glob("adapter*"))

@@ -219,7 +219,7 @@ def measured_once(
             if old != path:
                 old.unlink()
     else:
-        log.info("%s from %s", what[0].upper() + what[1:], path)
+        log.info("%s: from %s", what, path)
     ranks.barrier()
     return json.loads(path.read_text())
 

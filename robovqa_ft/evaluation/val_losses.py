@@ -14,13 +14,13 @@ from torch.utils.data import DataLoader, Dataset
 from robovqa_ft.evaluation.journal import Journal
 from robovqa_ft.training.attention import BRANCH
 from robovqa_ft.training.collate import pad_batch
-from robovqa_ft.training.loss import TokenLosses, labelled_token_losses, turn_sums
+from robovqa_ft.training.loss import labelled_token_losses, turn_sums
 from robovqa_ft.training.model import (
     on_device,
     training_precision,
 )
-from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset
-from robovqa_ft.training.trees import clip_trees
+from robovqa_ft.training.samples import JsonlDataset
+from robovqa_ft.training.trees import by_clip, clip_trees
 
 LOSS_REDUCTION = (
     "token-level mean: the summed cross-entropy of every assistant token (the answers and "
@@ -34,11 +34,7 @@ class _LossSamples(Dataset):
 
     def __init__(self, dataset: JsonlDataset, indices: list[int], trees: bool = False):
         self.dataset, self.trees = dataset, trees
-        groups: dict[str, list[int]] = {}
-        for index in indices:
-            key = dataset.row(index)["video_id"] if trees else str(index)
-            groups.setdefault(key, []).append(index)
-        self.groups = list(groups.values())
+        self.groups = list(by_clip(dataset, indices).values()) if trees else [[i] for i in indices]
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -94,30 +90,12 @@ def sample_losses(
             records = [_loss_record(val_set, about, []) | {"skipped": True} for about in skipped]
             if batch is not None:
                 batch = on_device(batch, device)
-                turns = question_turns(labelled_token_losses(model, batch), batch)
+                losses = labelled_token_losses(model, batch)
+                turns = turn_sums(losses, batch["labels"], batch.get(BRANCH))
                 records += [_loss_record(val_set, about, sums)
                             for about, sums in zip(abouts, turns, strict=True)]  # fmt: skip
             journal.append(records)
     return [journal.records[tuple(key)] for key in keys]
-
-
-def question_turns(losses: TokenLosses, batch: dict) -> list[list[tuple[float, int]]]:
-    """Per question, per answer, in order: (summed loss, tokens). A padded row is one
-    question; a tree's row holds one a branch, in branch order (no answer spans two)."""
-    rows = turn_sums(losses, batch["labels"])
-    if BRANCH not in batch:
-        return rows
-    labelled = batch["labels"].cpu() != IGNORE_INDEX
-    starts = labelled.clone()
-    starts[:, 1:] &= ~labelled[:, :-1]
-    branch = batch[BRANCH].cpu()
-    questions = []
-    for row, runs in enumerate(rows):
-        by_branch: dict[int, list] = {}
-        for b, run in zip(branch[row][starts[row]].tolist(), runs, strict=True):
-            by_branch.setdefault(b, []).append(run)
-        questions += [by_branch[b] for b in sorted(by_branch)]
-    return questions
 
 
 def _loss_record(val_set: str, about: dict, sums: list[tuple[float, int]]) -> dict:

@@ -76,9 +76,13 @@ def loss_sums(model: Any, batches: Iterable[dict], device: Any) -> dict[str, flo
     return sums
 
 
-def turn_sums(losses: TokenLosses, labels: torch.Tensor) -> list[list[tuple[float, int]]]:
-    """Per row of a padded batch, per answer (each unbroken run of labels is one answer
-    and its end-of-turn token), in order: (summed loss, tokens)."""
+def turn_sums(
+    losses: TokenLosses, labels: torch.Tensor, branch: torch.Tensor | None = None
+) -> list[list[tuple[float, int]]]:
+    """Per question, per answer (each unbroken run of labels is one answer and its
+    end-of-turn token), in order: (summed loss, tokens). A padded row is one question;
+    given the rows' `BRANCH` (trees), each branch of a row is one, in branch order (no
+    answer spans two: a branch's first token is never a label)."""
     labels = labels.cpu()
     labelled = labels != IGNORE_INDEX
     starts = labelled.clone()
@@ -91,4 +95,13 @@ def turn_sums(losses: TokenLosses, labels: torch.Tensor) -> list[list[tuple[floa
     for row, t, loss in zip(rows.tolist(), turn, losses.losses.tolist(), strict=True):
         sums[row][t][0] += loss
         sums[row][t][1] += 1
-    return [[(total, int(count)) for total, count in row] for row in sums]
+    per_row = [[(total, int(count)) for total, count in row] for row in sums]
+    if branch is None:
+        return per_row
+    questions = []
+    for row, runs in enumerate(per_row):
+        by_branch: dict[int, list] = {}
+        for b, run in zip(branch[row].cpu()[starts[row]].tolist(), runs, strict=True):
+            by_branch.setdefault(b, []).append(run)
+        questions += [by_branch[b] for b in sorted(by_branch)]
+    return questions

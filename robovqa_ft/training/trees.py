@@ -105,6 +105,17 @@ def _tree_length(samples: list[dict]) -> int:
     return prefix + sum(len(s["input_ids"]) - prefix for s in samples)
 
 
+def by_clip(dataset: JsonlDataset, indices: list[int] | None = None) -> dict[str, list[int]]:
+    """The dataset's rows (all, or those of `indices`) by clip (`video_id`), in the order
+    each clip is first seen."""
+    wanted = None if indices is None else set(indices)
+    groups: dict[str, list[int]] = {}
+    for index, row in enumerate(dataset.rows()):
+        if wanted is None or index in wanted:
+            groups.setdefault(row["video_id"], []).append(index)
+    return groups
+
+
 class ClipTrees(Dataset):
     """A stage-1 JSONL file by clip: item `i` is the trees of the i-th clip (first seen
     order in the file); a tuple of clip indices (a micro-batch, `steps.ClipStepSampler`)
@@ -112,11 +123,8 @@ class ClipTrees(Dataset):
 
     def __init__(self, dataset: JsonlDataset):
         self.dataset = dataset
-        by_clip: dict[str, list[int]] = {}
-        for index, row in enumerate(dataset.rows()):
-            by_clip.setdefault(row["video_id"], []).append(index)
-        self.clips = list(by_clip)
-        self.members = list(by_clip.values())
+        groups = by_clip(dataset)
+        self.clips, self.members = list(groups), list(groups.values())
         self.questions = [len(m) for m in self.members]
 
     def __len__(self) -> int:

@@ -14,7 +14,7 @@ import torch
 import yaml
 from test_samples import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from training_helpers import csv_rows, train_tiny
+from training_helpers import csv_rows, train_tiny, with_unfit_rows
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -425,3 +425,40 @@ def test_a_clip_with_more_questions_than_a_step_is_refused_before_training(tiny_
         train_tiny(tiny_setup, tmp_path / "run",
                    stage={"layout": "tree", "batch_size": 1, "grad_accum": 1})  # fmt: skip
     assert not list((tmp_path / "run").glob("adapter*"))
+
+
+def test_val_losses_as_trees_with_split_trees_skipped_questions_and_a_part_done_journal(
+    tiny_setup, tmp_path
+):
+    """Clips whose trees split (max_seq_len fits each question, not two), questions that
+    fit nowhere (skipped, as separate), and a journal that already holds some questions
+    (the rest of their clips computed as smaller trees): the same records as separate."""
+    processor = load_processor(tiny_setup["model"])
+    family = model_family(tiny_setup["model"])
+    source = with_unfit_rows(tiny_setup["stage1_val"], tmp_path / "val.jsonl", every=5)
+    wide = SampleBuilder(processor, family, tiny_setup["images"], 4, 512)
+    fitting = [s for s in JsonlDataset(source, wide) if s is not None]
+    longest = max(len(s["input_ids"]) for s in fitting)
+    builder = SampleBuilder(processor, family, tiny_setup["images"], 4, longest)
+    dataset = JsonlDataset(source, builder)
+    groups = ClipTrees(dataset)
+    rows = [dataset.row(i) for i in groups.members[0]]
+    assert len(clip_trees([builder.encode(r) for r in rows], longest)) == 2  # split
+    torch.manual_seed(0)
+    model = attach_lora(load_model(tiny_setup["model"], "none", "float32", "sdpa", False), 8, 16,
+                        0.0)  # fmt: skip
+    lora_that_acts(model)
+    model.eval()
+    pad = processor.tokenizer.pad_token_id
+    separate = sample_losses(model, dataset, "v", 3, pad, 0, "float32",
+                             Journal(tmp_path / "separate.jsonl", "f"))  # fmt: skip
+    assert any(r["skipped"] for r in separate)
+    journal = Journal(tmp_path / "trees.jsonl", "f")
+    journal.append(separate[1::3])  # done before: one question of some clips
+    trees = sample_losses(model, dataset, "v", 2, pad, 0, "float32", journal, trees=True)
+    assert [r["id"] for r in trees] == [r["id"] for r in separate]
+    for tree, alone in zip(trees, separate, strict=True):
+        assert tree["skipped"] == alone["skipped"]
+        assert [t["tokens"] for t in tree["turns"]] == [t["tokens"] for t in alone["turns"]]
+        for a, b in zip(tree["turns"], alone["turns"], strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

@@ -20,7 +20,7 @@ from robovqa_ft.training.checkpoints import (
     COMPLETE_MARKER,
     rotate_checkpoints,
 )
-from robovqa_ft.training.steps import StepSampler
+from robovqa_ft.training.steps import ClipStepSampler, StepSampler
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class SamplerEpoch(TrainerCallback):
     mid-epoch resume under DDP the Trainer's own `set_epoch` does not reach a sampler
     inside accelerate's skip and shard wrappers, and would replay epoch 0's order."""
 
-    def __init__(self, sampler: StepSampler):
+    def __init__(self, sampler: StepSampler | ClipStepSampler):
         self.sampler = sampler
 
     def on_epoch_begin(self, args, state, control, **kwargs):

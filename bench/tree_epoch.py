@@ -1,13 +1,21 @@
 """A stage-1 epoch of the demo's tiny model on the demo's data, in the tree layout against
-the separate one, side by side: wall time of the training (`train_run`, the workflow's
-own), and what the model computed (tokens through the language model, frames through the
-vision tower), counted by collating each run's epoch order with the training's collator.
+the separate one, side by side: wall time of `train_run`, the workflow's own (loading
+the model, measuring the token counts, one epoch, saving the adapter), and what the
+model computed (tokens through the language model, frames through the vision tower),
+counted by collating each run's epoch order with the training's collator.
 
 The two layouts alternate (separate, tree, separate, ...) so that a slow spell of the
 machine hits both; medians of `--repeats`. Needs the demo's data and tiny model
 (`make demo`, or `--directory` another workflow folder that ran the demo config).
 
-Run: `python bench/tree_epoch.py` (part of `make bench`; about 2 minutes on 2 cores).
+Before it, how `ClipStepSampler` deals steps of whole clips at the real data's scale
+(no model: 20,000 clips of 2 + Binomial(5, 0.32) questions, 1,050 + 75 a question
+tokens): the micro-batches left without a clip (each a one-token stand-in) and how
+evenly the ranks are loaded (the mean over steps of the ranks' tokens over the ranks ×
+the heaviest rank's), for one GPU and eight at a few step sizes.
+
+Run: `python bench/tree_epoch.py` (part of `make bench`; about 2 minutes on 2 cores;
+`--deal-only` for the dealing table alone, seconds).
 """
 
 from __future__ import annotations
@@ -80,12 +88,37 @@ def computed(data: Path, model: Path, config: dict, layout: str) -> dict[str, in
             "frames": sum(len(b.get("pixel_values", ())) for b in batches)}  # fmt: skip
 
 
+def deal_table() -> None:
+    binomial = torch.distributions.Binomial(5, torch.tensor(0.32))
+    torch.manual_seed(0)
+    questions = (2 + binomial.sample((20_000,))).int().tolist()
+    tokens = [1050 + 75 * q for q in questions]
+    print("| GPUs | batch_size × grad_accum | questions a step | micro-batches without a clip "
+          "| rank load efficiency |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for ranks, batch_size, accum in ((1, 2, 16), (1, 4, 8), (8, 2, 16), (8, 4, 16), (8, 8, 16)):
+        sampler = ClipStepSampler(questions, tokens, batch_size * accum, accum, 0, ranks)
+        micro = list(sampler)
+        empty, efficiency = 0, []
+        for k in range(sampler.steps):
+            step = micro[k * accum : (k + 1) * accum]
+            empty += sum(not batch for batch in step)
+            loads = [sum(tokens[c] for b in step[r::ranks] for c in b) for r in range(ranks)]
+            efficiency.append(sum(loads) / (ranks * max(loads)))
+        print(f"| {ranks} | {batch_size} × {accum} | {sum(questions) / sampler.steps:.1f} | "
+              f"{empty / len(micro):.1%} | {statistics.mean(efficiency):.2f} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--directory", type=Path, default=ROOT / "demo",
                         help="a folder that ran the demo config (default: demo/)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--deal-only", action="store_true", help="the dealing table alone")
     args = parser.parse_args()
+    deal_table()
+    if args.deal_only:
+        return
     data, model = (
         args.directory / "results" / "data",
         args.directory / "results" / "models" / "tiny",
@@ -110,7 +143,9 @@ def main() -> None:
           f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), transformers {transformers.__version__}; {args.repeats} epochs each, "
           "alternating")  # fmt: skip
-    print("| layout | questions | tokens computed | frames encoded | epoch wall time (median) |")
+    print(
+        "| layout | questions | tokens computed | frames encoded | train_run wall time (median) |"
+    )
     print("|---|---|---|---|---|")
     for layout in LAYOUTS:
         c = counts[layout]

@@ -4,7 +4,7 @@ sample's, on the tiny InternVL (1-D positions) and tiny Qwen2.5-VL / Qwen3-VL (3
 The controls that make these tests able to fail were run by breaking the code on purpose:
 a mask that lets branches see each other (`attention.visibility` without its branch
 term), and branch positions that run on instead of continuing from the prefix; each
-made the equality tests below fail (see docs/performance.md, "One clip, one pass").
+made the equality tests below fail (docs/performance.md §7, "Stage 1 in one pass a clip").
 """
 
 from __future__ import annotations

@@ -260,18 +260,9 @@ def train_run(
         refuse_a_repeat(checkpoint_dir, model.get("max_memory_gb"), current)
         resume = latest_complete_checkpoint(checkpoint_dir)
 
-        set_seed(training["seed"])  # before LoRA's random initialisation
         processor = load_processor(model["name"], revision)
-        base = load_model(
-            model["name"], model["quantization"], model["dtype"], model["attn_implementation"],
-            model["gradient_checkpointing"], model.get("max_memory_gb"), revision,
-        )  # fmt: skip
-        peft_model = attach_lora(base, lora["r"], lora["alpha"], lora["dropout"], init_adapter)
-        # Before the first checkpoint, on every rank alike (one statvfs): a rank left
-        # waiting in a collective for one that stopped would hang until the timeout.
-        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        require_training_space(checkpoint_dir, trainable, training["save_total_limit"],
-                               run_dir.name)  # fmt: skip
+        # The data and its order before the model: a clip too large for a step, or too
+        # few samples for one, stops the job before minutes of loading.
         builder = SampleBuilder(
             processor, family, images_dir, stage["max_frames"], stage["max_seq_len"]
         )
@@ -282,6 +273,17 @@ def train_run(
         if trees:  # items by clip, each clip's questions as trees
             train_set, val_set = ClipTrees(train_set), ClipTrees(val_set)
         sampler = training_order(train_set, stage, training, checkpoint_dir, current)
+        set_seed(training["seed"])  # before LoRA's random initialisation
+        base = load_model(
+            model["name"], model["quantization"], model["dtype"], model["attn_implementation"],
+            model["gradient_checkpointing"], model.get("max_memory_gb"), revision,
+        )  # fmt: skip
+        peft_model = attach_lora(base, lora["r"], lora["alpha"], lora["dropout"], init_adapter)
+        # Before the first checkpoint, on every rank alike (one statvfs): a rank left
+        # waiting in a collective for one that stopped would hang until the timeout.
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        require_training_space(checkpoint_dir, trainable, training["save_total_limit"],
+                               run_dir.name)  # fmt: skip
         args = training_arguments(checkpoint_dir, stage, training, model)
         if args.world_size != me.size:  # e.g. torchrun with use_cpu=False on a CPU box
             raise RuntimeError(f"{me.size} processes, but the Trainer sees {args.world_size}")

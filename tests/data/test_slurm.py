@@ -30,7 +30,7 @@ TINY = {
     "frame_size": 32,
     "training": {"max_steps": 2, "eval_steps": 100, "save_steps": 100, "logging_steps": 1,
                  "dataloader_workers": 0, "gpus": 2},
-    "stage1": {"batch_size": 2, "grad_accum": 2},
+    "stage1": {"batch_size": 4, "grad_accum": 2},  # a step holds a whole clip (tree layout)
     "stage2": {"grad_accum": 2},  # 2 GPUs must divide it, checked before any job
 }  # fmt: skip
 

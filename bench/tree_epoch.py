@@ -21,6 +21,7 @@ Run: `python bench/tree_epoch.py` (part of `make bench`; about 2 minutes on 2 co
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 import transformers
 import yaml
+from snakemake.utils import update_config
+from synthetic import CONFIG
 
 from robovqa_ft.training.collate import collator
 from robovqa_ft.training.model import load_processor, model_family
@@ -43,16 +46,11 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYOUTS = ("separate", "tree")
 
 
-def merged(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and key in out else value
-    return out
-
-
 def demo_config() -> dict:
-    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    return merged(config, yaml.safe_load((ROOT / "config" / "demo.yaml").read_text()))
+    """config.yaml with config/demo.yaml over it, merged as Snakemake merges them."""
+    config = copy.deepcopy(CONFIG)
+    update_config(config, yaml.safe_load((ROOT / "config" / "demo.yaml").read_text()))
+    return config
 
 
 def settings(config: dict, layout: str) -> dict:

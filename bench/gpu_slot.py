@@ -65,7 +65,8 @@ from transformers import InternVLForConditionalGeneration
 from transformers.quantizers import AutoHfQuantizer
 from transformers.utils import is_flash_attn_2_available
 
-from robovqa_ft.training.model import FAMILIES, attach_lora, nf4_config, prepare_model
+from robovqa_ft.training.families import FAMILIES
+from robovqa_ft.training.model import attach_lora, nf4_config, prepare_model
 from robovqa_ft.training.random_model import ARCHITECTURES, internvl_config
 
 # train_step's setups, by number: the seed's (1) and bf16 LoRA (3) first, the baselines

@@ -21,7 +21,7 @@ from robovqa_ft.data.demo_bucket import clip_frames, clip_text, random_clip
 from robovqa_ft.data.frames import clip_frame_paths
 from robovqa_ft.data.jsonl import stage1_lines, stage2_line
 from robovqa_ft.data.qa import parse_qa_text
-from robovqa_ft.training.model import FAMILIES
+from robovqa_ft.training.families import FAMILIES
 from robovqa_ft.training.random_model import build_processor, conversation_texts
 from robovqa_ft.training.samples import JsonlDataset, SampleBuilder
 

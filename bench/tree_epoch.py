@@ -36,7 +36,8 @@ from snakemake.utils import update_config
 from synthetic import CONFIG
 
 from robovqa_ft.training.collate import collator
-from robovqa_ft.training.model import load_processor, model_family
+from robovqa_ft.training.families import model_family
+from robovqa_ft.training.model import load_processor
 from robovqa_ft.training.samples import JsonlDataset, SampleBuilder
 from robovqa_ft.training.steps import ClipStepSampler, StepSampler
 from robovqa_ft.training.train import train_run

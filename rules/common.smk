@@ -55,14 +55,20 @@ wildcard_constraints:
 
 
 def model_settings():
-    """The model section, with "tiny" resolved to the folder the demo builds."""
+    """The model section, with "tiny" resolved to the folder the demo builds, and the
+    frames' rate (the frames' times, for a family that takes them as a video)."""
     name = config["model"]["name"]
-    return {**config["model"], "name": TINY_MODEL if name == "tiny" else name}
+    return {
+        **config["model"],
+        "name": TINY_MODEL if name == "tiny" else name,
+        "frame_rate": config["frame_rate"],
+    }
 
 
 def report_settings():
     """The settings the ablation report states: those that shape its numbers."""
-    sections = ("source", "model", "lora", "training", "stage1", "stage2", "evaluation")
+    sections = ("source", "frame_rate", "model", "lora", "training", "stage1", "stage2",
+                "evaluation")
     return {
         key: (
             shaping_settings(key, config[key])

@@ -20,5 +20,6 @@ rule build_jsonl:
         frame_size=FRAME_SIZE,
         jpeg_quality=config["jpeg_quality"],
         source=config["source"],
+        frame_rate=config["frame_rate"],
     script:
         "../workflow_scripts/build_jsonl.py"

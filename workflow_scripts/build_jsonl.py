@@ -16,4 +16,5 @@ with log_to(snakemake.log[0]):
         frame_size=snakemake.params.frame_size,
         jpeg_quality=snakemake.params.jpeg_quality,
         source=snakemake.params.source,
+        frame_rate=snakemake.params.frame_rate,
     )

@@ -28,7 +28,10 @@ SCHEMA = "config/schema.yaml"  # in the workflow's folder
 # Model type (config.json) -> whether its samples can share a row under `packed` padding.
 # robovqa_ft.training.model.FAMILIES is the truth, but it imports torch; a test compares the two.
 FAMILY_PACKS = {"internvl": True, "qwen2_5_vl": False, "qwen3_vl": False}
-TINY_FAMILY = "internvl"  # model.name "tiny": the InternVL the workflow builds
+# tiny_model.family: the families the workflow can build a tiny model of (model.name "tiny")
+TINY_FAMILIES = ("internvl", "qwen3_vl")
+# model.frames_as: the frames as the family's video input, or each its own image (Qwen-VL)
+FRAMES_AS = ("video", "images")
 FOLDER_PREFIXES = ("/", "./", "../", "~")  # a model.name starting so is a folder, not a hub id
 # stage1.layout: a clip's questions as one tree (one pass over its frames), or each
 # question its own sample (the seed recipe's). Stage 2 has one sample a clip already.
@@ -209,7 +212,7 @@ def cross_key_errors(config: dict) -> Iterator[str]:
                 f"{module}, or leave it out (tensorboard needs nothing more)"
             )
     model = config["model"]
-    family, problem = model_type(model["name"], model.get("revision"))
+    family, problem = model_type(model["name"], model.get("revision"), config.get("tiny_model"))
     if problem:
         yield f"model.name = {shown(model['name'])} {problem}"
     elif family and family not in FAMILY_PACKS:
@@ -217,6 +220,8 @@ def cross_key_errors(config: dict) -> Iterator[str]:
             f"model.name = {shown(model['name'])} is a {family} model, not one of "
             f"{', '.join(FAMILY_PACKS)}"
         )
+    elif family and frames_as_problem(family, model.get("frames_as", "video")):
+        yield frames_as_problem(family, model.get("frames_as", "video"))
     elif family and config["training"]["padding"] == "packed" and not FAMILY_PACKS[family]:
         packing = [name for name, packs in FAMILY_PACKS.items() if packs]
         yield (
@@ -234,11 +239,24 @@ def tree_attention_problem(layout: str, attention: str) -> str | None:
     return None
 
 
-def model_type(name: str, revision: str | None = None) -> tuple[str | None, str | None]:
-    """(model_type, None) from the model's config.json, (None, None) when a hub id is not in
-    the local HF cache (the job downloads it and finds out), or (None, what is wrong)."""
+def frames_as_problem(family: str, frames_as: str) -> str | None:
+    """Why a model of `family` (its model type) cannot take its frames `frames_as`, or None."""
+    if frames_as not in FRAMES_AS:
+        return f"model.frames_as = {frames_as!r} is not one of {', '.join(FRAMES_AS)}"
+    if frames_as == "images" and family == "internvl":
+        return ("model.frames_as = 'images' is for Qwen2.5-VL and Qwen3-VL; InternVL takes "
+                "its frames as its own video prompt, one tile each: use 'video'")  # fmt: skip
+    return None
+
+
+def model_type(
+    name: str, revision: str | None = None, tiny_model: dict | None = None
+) -> tuple[str | None, str | None]:
+    """(model_type, None) from the model's config.json (for "tiny", `tiny_model`'s family),
+    (None, None) when a hub id is not in the local HF cache (the job downloads it and finds
+    out), or (None, what is wrong)."""
     if name == "tiny":
-        return TINY_FAMILY, None
+        return (tiny_model or {}).get("family", TINY_FAMILIES[0]), None
     folder = Path(name).expanduser()
     if name.startswith(FOLDER_PREFIXES) and not folder.is_dir():
         return None, f"names a folder, {folder.absolute()}, that does not exist"
@@ -298,12 +316,12 @@ READS = {
     "download": ["source", "download_workers", "demo", "max_shards"],
     "extract_frames": ["frame_size", "frames_per_clip", "jpeg_quality"],
     "build_jsonl": ["split", "val_ratio", "split_seed", "subset_ratio", "frames_per_clip",
-                    "frame_size", "jpeg_quality", "source"],
+                    "frame_size", "jpeg_quality", "source", "frame_rate"],
     "build_tiny_model": ["tiny_model", "training"],
-    "train": ["model", "lora", "training", "stage1", "stage2", "evaluation"],
-    "evaluate": ["model", "stage1", "stage2", "evaluation"],
-    "merge": ["model", "training", "stage1", "stage2"],
-    "ablation_report": ["source", "model", "lora", "training", "stage1", "stage2",
+    "train": ["model", "frame_rate", "lora", "training", "stage1", "stage2", "evaluation"],
+    "evaluate": ["model", "frame_rate", "stage1", "stage2", "evaluation"],
+    "merge": ["model", "frame_rate", "training", "stage1", "stage2"],
+    "ablation_report": ["source", "frame_rate", "model", "lora", "training", "stage1", "stage2",
                         "evaluation", "report"],
 }  # fmt: skip
 

@@ -133,12 +133,14 @@ def build_jsonl(
     frame_size: list[int],
     jpeg_quality: int,
     source: str,
+    frame_rate: float,
 ) -> dict:
     """Write the four files of `outputs` (keyed as `jsonl_paths`) and the metadata; returns it.
 
     The metadata records every setting that made the frames and the samples (frame count,
     size and JPEG quality, split and subset): the training fingerprint holds it, so a
-    checkpoint is never resumed on other data."""
+    checkpoint is never resumed on other data. `frame_rate` is the stored frames' nominal
+    rate (the records give no times), recorded as such."""
     index_paths = sorted(map(Path, index_paths))
     clips, skipped = read_shard_indexes(index_paths)
     if not clips:
@@ -191,6 +193,9 @@ def build_jsonl(
             "per_clip": frames_per_clip,
             "size": list(frame_size),
             "jpeg_quality": jpeg_quality,
+            # a frame's time is its index over the rate; the records give none of their own
+            "rate": frame_rate,
+            "times": "nominal: frame index / rate (the records give no frame times)",
             "source_sizes": dict(Counter(c["source_size"] for c in clips).most_common()),
         },
         "splits": {s: _finish_split_stats(v) for s, v in stats.items()},

@@ -38,13 +38,8 @@ from robovqa_ft.evaluation.questions import (
 )
 from robovqa_ft.evaluation.scoring import mean_or_none, score_answer, score_group, score_predictions
 from robovqa_ft.evaluation.val_losses import loss_summary, sample_losses
-from robovqa_ft.training.model import (
-    check_adapter,
-    load_model,
-    load_processor,
-    model_family,
-    resolved_revision,
-)
+from robovqa_ft.training.families import model_family
+from robovqa_ft.training.model import check_adapter, load_model, load_processor, resolved_revision
 from robovqa_ft.training.samples import JsonlDataset, SampleBuilder, clip_order
 
 log = logging.getLogger(__name__)
@@ -100,7 +95,7 @@ def evaluate_run(
                       journal_fingerprint({**model, "revision": revision}, stages, evaluation,
                                           inputs))  # fmt: skip
     processor = load_processor(model["name"], revision)
-    family = model_family(model["name"], revision)
+    family = model_family(model["name"], revision, model.get("frames_as", "video"))
     net = load_model(model["name"], model["quantization"], model["dtype"],
                      model["attn_implementation"], False, model.get("max_memory_gb"),
                      revision)  # fmt: skip
@@ -112,7 +107,8 @@ def evaluate_run(
 
     def builder(stage: str, blank: bool = False) -> SampleBuilder:
         return SampleBuilder(processor, family, images_dir, stages[stage]["max_frames"],
-                             stages[stage]["max_seq_len"], blank_frames=blank)  # fmt: skip
+                             stages[stage]["max_seq_len"], blank_frames=blank,
+                             frame_rate=model.get("frame_rate"))  # fmt: skip
 
     # The same clips for both val sets, so that the two losses describe the same videos.
     clips = clip_order(val_jsonl["stage2"], evaluation["seed"])[: evaluation["loss_clips"]]

@@ -35,13 +35,8 @@ from robovqa_ft.data import record_frames
 from robovqa_ft.data.frames import frame_name, resize_jpeg, resized_jpeg
 from robovqa_ft.data.record_frames import CLIPS_FILE
 from robovqa_ft.evaluation.generation import answer_batches
-from robovqa_ft.training.model import (
-    Family,
-    check_adapter,
-    load_model,
-    load_processor,
-    model_family,
-)
+from robovqa_ft.training.families import Family, model_family
+from robovqa_ft.training.model import check_adapter, load_model, load_processor
 from robovqa_ft.training.samples import SampleBuilder, frame_indices
 
 log = logging.getLogger(__name__)
@@ -122,6 +117,9 @@ def load_answerer(settings: dict, weights: Path, run_dir: Path) -> tuple[Any, An
     """(model in eval mode, processor, family) as evaluation loads them: the base with the
     adapter, or the merged folder (its weights in the compute dtype, with its processor)."""
     model = settings["model"]
+    # a run from before model.frames_as was trained on Qwen-VL frames as images (InternVL's
+    # frames were its video prompt then as now)
+    frames_as = model.get("frames_as")
     options = {
         "dtype": model["dtype"],
         "attn_implementation": model["attn_implementation"],
@@ -130,7 +128,7 @@ def load_answerer(settings: dict, weights: Path, run_dir: Path) -> tuple[Any, An
     }
     if weights.name == "merged":
         processor = load_processor(name_or_path=weights)
-        family = model_family(weights)
+        family = _family(weights, {}, frames_as)
         net = load_model(name_or_path=weights, quantization="none", **options)
     else:
         base = model_source(model["name"], run_dir)
@@ -138,11 +136,17 @@ def load_answerer(settings: dict, weights: Path, run_dir: Path) -> tuple[Any, An
         revision = (settings.get("provenance") or {}).get("model_revision") or model.get("revision")
         at = {"revision": revision} if revision else {}
         processor = load_processor(name_or_path=base, **at)
-        family = model_family(base, **at)
+        family = _family(base, at, frames_as)
         net = load_model(name_or_path=base, quantization=model["quantization"], **options, **at)
         net = PeftModel.from_pretrained(net, str(weights))
     net.eval()
     return net, processor, family
+
+
+def _family(name_or_path: str | Path, at: dict, frames_as: str | None) -> Family:
+    if frames_as is None:
+        frames_as = "video" if model_family(name_or_path, **at).packs else "images"
+    return model_family(name_or_path, **at, frames_as=frames_as)
 
 
 # --- clips -> frames as extraction stores them ----------------------------------------------
@@ -310,7 +314,8 @@ def ask(
         log.info("%d questions about %d clips, to %s", len(pairs), len(folders), weights)
         # the run's own training prompt: its stage's frames and sequence length
         builder = SampleBuilder(processor, family, images_dir, stage["max_frames"],
-                                stage["max_seq_len"])  # fmt: skip
+                                stage["max_seq_len"],
+                                frame_rate=settings["model"].get("frame_rate"))  # fmt: skip
         budget = stage["max_seq_len"] - evaluation["max_new_tokens"]
         batches = answer_batches(
             net, builder, [(row, 0) for row in rows], budget,

@@ -180,7 +180,7 @@ def model_card(
         _recipe(run, model, adapter, stages, training),
         _data(metadata, demo),
         _evaluation(evaluation, figures),
-        _how_to_load(),
+        _how_to_load(model),
         _license_text(model["name"], license_found),
         _provenance(revision, made_by, evaluation),
     ])  # fmt: skip
@@ -315,7 +315,18 @@ def _evaluation(evaluation: dict, figures: list[Figure]) -> str:
     ])  # fmt: skip
 
 
-def _how_to_load() -> str:
+def _how_to_load(model: dict) -> str:
+    if model.get("frames_as", "video") == "video":
+        frames = (
+            "as the family's video: for Qwen-VL one video (`videos=[frames]`, with "
+            "`video_metadata` giving the chosen frames' indices among the clip's stored "
+            f"frames and fps {model.get('frame_rate')}, a nominal rate; "
+            "`do_sample_frames=False`; an odd count's last frame twice), for InternVL its "
+            "video prompt (`Frame1: <image>` …, one tile a frame, `crop_to_patches=False`)"
+        )
+    else:
+        frames = "one image each, no times"
+
     return "\n".join([
         "## Use",
         "",
@@ -326,8 +337,7 @@ def _how_to_load() -> str:
         'processor = AutoProcessor.from_pretrained("<this folder or repo>")',
         "```",
         "",
-        "Prompt as in training: the frames open the first user turn, one image each (for "
-        "InternVL `Frame1: <image>` …, one tile a frame, `crop_to_patches=False`), then the "
+        f"Prompt as in training: the frames open the first user turn, {frames}; then the "
         "question; the answer is the assistant turn.",
     ])  # fmt: skip
 

@@ -1,16 +1,14 @@
 """Load the vision-language model and its processor, and put LoRA on its language model only.
 
-Everything that differs between model families (InternVL, Qwen2.5-VL, Qwen3-VL) lives in
-`FAMILIES`: how frames become prompt content, and which modules stay unquantized.
+What differs between the model families (how frames reach the model, which modules stay
+unquantized) is `families.py`'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +16,13 @@ import torch
 from huggingface_hub import HfApi, try_to_load_from_cache
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
-    AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
     BitsAndBytesConfig,
     PreTrainedModel,
 )
 
+from robovqa_ft.training.families import Family, model_family
 from robovqa_ft.training.ranks import world
 
 log = logging.getLogger(__name__)
@@ -34,48 +32,6 @@ LORA_TARGET_MODULES = (
     r".*language_model\.layers\.\d+\.(self_attn|mlp)\."
     r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 )
-
-
-def _internvl_frames(count: int) -> list[dict]:
-    # InternVL's own video prompt: "Frame1: <image>\nFrame2: <image>\n..."
-    content = []
-    for i in range(count):
-        content += [{"type": "text", "text": f"Frame{i + 1}: "}, {"type": "image"}]
-    return content
-
-
-def _qwen_frames(count: int) -> list[dict]:
-    return [{"type": "image"} for _ in range(count)]
-
-
-@dataclass(frozen=True)
-class Family:
-    frame_content: Callable[[int], list[dict]]  # chat content items for n frames, in order
-    keep_unquantized: tuple[str, ...]  # full module paths that 4-bit loading must skip
-    processor_kwargs: dict = field(default_factory=dict)  # passed with every frame batch
-    packs: bool = False  # 1-D rotary positions, so samples can share a row (`pack_batch`)
-
-
-FAMILIES: dict[str, Family] = {
-    # One tile per frame, as InternVL's video path does (no dynamic tiling, no thumbnail).
-    "internvl": Family(
-        _internvl_frames,
-        ("model.vision_tower", "model.multi_modal_projector", "lm_head"),
-        {"crop_to_patches": False},
-        packs=True,
-    ),
-    "qwen2_5_vl": Family(_qwen_frames, ("model.visual", "lm_head")),
-    "qwen3_vl": Family(_qwen_frames, ("model.visual", "lm_head")),
-}
-
-
-def model_family(name_or_path: str | Path, revision: str | None = None) -> Family:
-    model_type = AutoConfig.from_pretrained(name_or_path, revision=revision).model_type
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"{name_or_path}: model type {model_type!r} is not one of {sorted(FAMILIES)}"
-        )
-    return FAMILIES[model_type]
 
 
 def load_processor(name_or_path: str | Path, revision: str | None = None) -> Any:

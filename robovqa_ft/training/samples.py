@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from robovqa_ft.training.model import Family
+from robovqa_ft.training.families import Family
 
 IGNORE_INDEX = -100
 # Every supported family speaks ChatML.
@@ -88,16 +88,23 @@ class SampleBuilder:
         max_frames: int,
         max_seq_len: int,
         blank_frames: bool = False,
+        frame_rate: float | None = None,
     ):
+        """`frame_rate`: the stored frames' rate (frames a second), which a family that
+        takes the frames as a video needs for their times (`Family.processor_inputs`)."""
         self.processor, self.family = processor, family
         self.images_dir = Path(images_dir)
         self.max_frames = max_frames
         self.max_seq_len = max_seq_len
         self.blank_frames = blank_frames
+        self.frame_rate = frame_rate
+        if family.video and frame_rate is None:
+            raise ValueError(f"{family.name}: frames as a video need their rate (frame_rate)")
         tokenizer = processor.tokenizer
         self.header = tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
         self.end = tokenizer.convert_tokens_to_ids(TURN_END)
-        self._tokens_per_frame: int | None = None  # learnt by `_frame_tokens`
+        # the tokens a row's frames add, by the row's stored frame count (`_visual_tokens`)
+        self._added_tokens: dict[int, int] = {}
 
     def frames(self, row: dict) -> list[Image.Image]:
         images = []
@@ -159,7 +166,7 @@ class SampleBuilder:
         """How many of the pairs before the `turn`-th question `encode_prompt` keeps: the
         most recent ones that fit `budget` tokens (default `max_seq_len`) with the question
         and the frames, which open the first kept turn. From the text alone, as
-        `token_lengths`: no frame is decoded once `_frame_tokens` has learnt its count.
+        `token_lengths`: no frame is decoded once `_visual_tokens` has learnt its count.
         """
         prompt_row(row, turn, 0)  # a question the row lacks is an error, not 0 pairs
         budget = self.max_seq_len if budget is None else budget
@@ -167,26 +174,24 @@ class SampleBuilder:
         for history in range(turn, 0, -1):
             text = self._text(prompt_row(row, turn, history), frames)
             ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) + frames * self._frame_tokens(row) <= budget:
+            if len(ids) + self._visual_tokens(row) <= budget:
                 return history
         return 0
 
     def token_lengths(self, rows: list[dict]) -> list[int]:
         """Each row's encoded length (as `encode` gives it, capped at `max_seq_len`), from
-        its text alone: every frame adds the same number of tokens to its placeholder,
-        learnt once (`_frame_tokens`, from `rows[0]` if still unknown). No other frame is
+        its text alone: the frames of every row with as many stored frames add the same
+        tokens to their placeholders, learnt once (`_visual_tokens`). No other frame is
         decoded.
         """
         return [self.length_of(ids, frames) for ids, frames in self.text_tokens(rows)]
 
     def text_tokens(self, rows: list[dict]) -> list[tuple[list[int], int]]:
-        """Each row's chat-text token ids (a placeholder a frame) and the tokens its frames
-        add when the processor expands them (see `token_lengths`)."""
-        frames = [self._frame_count(row) for row in rows]
-        texts = [self._text(row, n) for row, n in zip(rows, frames, strict=True)]
+        """Each row's chat-text token ids (the frames' placeholders unexpanded) and the
+        tokens its frames add when the processor expands them (see `token_lengths`)."""
+        texts = [self._text(row, self._frame_count(row)) for row in rows]
         token_ids = self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        per_frame = self._frame_tokens(rows[0])
-        return [(ids, n * per_frame) for ids, n in zip(token_ids, frames, strict=True)]
+        return [(ids, self._visual_tokens(row)) for ids, row in zip(token_ids, rows, strict=True)]
 
     def length_of(self, ids: list[int], frame_tokens: int) -> int:
         """The encoded length of a row of these `text_tokens`, cut as `encode` cuts."""
@@ -196,20 +201,23 @@ class SampleBuilder:
     def _frame_count(self, row: dict) -> int:
         return len(frame_indices(len(row["images"]), self.max_frames))
 
-    def _frame_tokens(self, row: dict) -> int:
-        """The tokens each frame adds to its placeholder: the same for every frame (all
-        are one size), learnt once by encoding `row` with its frames."""
-        if self._tokens_per_frame is None:
-            frames = self._frame_count(row)
-            text = self.processor.tokenizer(self._text(row, frames), add_special_tokens=False)
+    def _visual_tokens(self, row: dict) -> int:
+        """The tokens `row`'s frames add to their placeholders: the same for every row with
+        as many stored frames (all frames are one size, the chosen ones and their times
+        follow from the count), learnt once a count by encoding `row` with its frames."""
+        stored = len(row["images"])
+        if stored not in self._added_tokens:
+            text = self.processor.tokenizer(
+                self._text(row, self._frame_count(row)), add_special_tokens=False
+            )
             full = self._inputs(row)["input_ids"].shape[1]
-            self._tokens_per_frame = (full - len(text["input_ids"])) // frames
-        return self._tokens_per_frame
+            self._added_tokens[stored] = full - len(text["input_ids"])
+        return self._added_tokens[stored]
 
     def _text(self, row: dict, frames: int) -> str:
         """The chat text, one placeholder per frame (the processor expands each); a
         conversation that ends on a question (`prompt_row`) ends on the assistant header."""
-        messages = chat_messages(row, self.family.frame_content(frames))
+        messages = chat_messages(row, self.family.content(frames))
         return self.processor.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=messages[-1]["role"] == "user"
         )
@@ -218,9 +226,10 @@ class SampleBuilder:
         """Processor output for the row's conversation, with its frames."""
         frames = self.frames(row)
         text = self._text(row, len(frames))
-        return self.processor(
-            text=[text], images=[frames], return_tensors="pt", **self.family.processor_kwargs
-        )
+        stored = len(row["images"])
+        indices = frame_indices(stored, self.max_frames)
+        given = self.family.processor_inputs(frames, indices, stored, self.frame_rate)
+        return self.processor(text=[text], return_tensors="pt", **given)
 
 
 def clip_order(jsonl: Path | str, seed: int) -> list[str]:

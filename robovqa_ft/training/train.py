@@ -44,6 +44,7 @@ from robovqa_ft.training.curves import (
     TensorBoardCurves,
     trainer_integrations,
 )
+from robovqa_ft.training.families import model_family
 from robovqa_ft.training.loss import labelled_token_losses, loss_sums
 from robovqa_ft.training.memory import MemoryGuard, refuse_a_repeat
 from robovqa_ft.training.metrics import MetricsLog
@@ -52,7 +53,6 @@ from robovqa_ft.training.model import (
     check_adapter,
     load_model,
     load_processor,
-    model_family,
     resolved_revision,
 )
 from robovqa_ft.training.samples import JsonlDataset, SampleBuilder, clip_order
@@ -220,7 +220,7 @@ def train_run(
     run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
     # One hub commit for the whole job, in the fingerprint: a moved branch is another base.
     revision = resolved_revision(model["name"], model.get("revision"))
-    family = model_family(model["name"], revision)
+    family = model_family(model["name"], revision, model.get("frames_as", "video"))
     if training["padding"] == "packed" and not family.packs:
         raise ValueError(
             f"training.padding 'packed' needs 1-D rotary positions (InternVL); {model['name']} "
@@ -264,8 +264,9 @@ def train_run(
         # The data and its order before the model: a clip too large for a step, or too
         # few samples for one, stops the job before minutes of loading.
         builder = SampleBuilder(
-            processor, family, images_dir, stage["max_frames"], stage["max_seq_len"]
-        )
+            processor, family, images_dir, stage["max_frames"], stage["max_seq_len"],
+            frame_rate=model.get("frame_rate"),
+        )  # fmt: skip
         train_set = JsonlDataset(train_jsonl, builder)
         clips = clip_order(val_jsonl, val_seed)[: training["eval_clips"]]
         val_set = JsonlDataset(val_jsonl, builder, clips=clips)

@@ -152,7 +152,7 @@ import json
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.trainer_utils import SchedulerType
-from robovqa_ft.training.model import FAMILIES
+from robovqa_ft.training.families import FAMILIES
 from robovqa_ft.training.collate import PADDING
 
 print(json.dumps({

@@ -251,6 +251,7 @@ def run_build(shard_indexes, out_dir, subset_ratio=1.0):
         frame_size=[288, 288],
         jpeg_quality=90,
         source="test",
+        frame_rate=2.0,
     )
     lines = {
         key: [json.loads(line) for line in path.read_text("utf-8").splitlines()]
@@ -365,6 +366,7 @@ def test_metadata_counts_records_splits_and_families(built, tmp_path):
     assert metadata["qa_blocks_skipped"] == {"malformed_qa_block": 1, "unknown_task_tag": 2}
     assert metadata["frames"]["per_clip"] == 16
     assert metadata["frames"]["size"] == [288, 288]
+    assert metadata["frames"]["rate"] == 2.0 and "nominal" in metadata["frames"]["times"]
     for split in ("train", "val"):
         vids = ids_of(lines[f"stage2_{split}"])
         qas = [q for vid in vids for q in CLIP_QAS[vid]]

@@ -33,7 +33,8 @@ from robovqa_ft.evaluation.scoring import (
 )
 from robovqa_ft.evaluation.val_losses import loss_summary, sample_losses
 from robovqa_ft.training.collate import pad_batch, split_counters
-from robovqa_ft.training.model import attach_lora, load_model, load_processor, model_family
+from robovqa_ft.training.families import model_family
+from robovqa_ft.training.model import attach_lora, load_model, load_processor
 from robovqa_ft.training.samples import JsonlDataset, SampleBuilder, assistant_spans, clip_order
 
 

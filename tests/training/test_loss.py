@@ -9,8 +9,9 @@ from transformers import (
 )
 
 from robovqa_ft.training.collate import collator, split_counters
+from robovqa_ft.training.families import model_family
 from robovqa_ft.training.loss import labelled_token_losses
-from robovqa_ft.training.model import attach_lora, load_model, load_processor, model_family
+from robovqa_ft.training.model import attach_lora, load_model, load_processor
 from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder
 
 

@@ -17,7 +17,8 @@ from robovqa_ft.evaluation.report import format_value
 from robovqa_ft.tools.merge import merge_run
 from robovqa_ft.tools.model_card import base_license, model_card
 from robovqa_ft.training.collate import pad_batch, split_counters
-from robovqa_ft.training.model import load_model, load_processor, model_family
+from robovqa_ft.training.families import model_family
+from robovqa_ft.training.model import load_model, load_processor
 from robovqa_ft.training.samples import JsonlDataset, SampleBuilder
 
 # metadata.json as build_jsonl writes it, for the tiny setup's data

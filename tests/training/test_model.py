@@ -9,15 +9,9 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
 from robovqa_ft.training.collate import pad_batch, split_counters
+from robovqa_ft.training.families import FAMILIES, model_family
 from robovqa_ft.training.loss import labelled_token_losses
-from robovqa_ft.training.model import (
-    FAMILIES,
-    LORA_TARGET_MODULES,
-    attach_lora,
-    load_model,
-    load_processor,
-    model_family,
-)
+from robovqa_ft.training.model import LORA_TARGET_MODULES, attach_lora, load_model, load_processor
 from robovqa_ft.training.samples import JsonlDataset, SampleBuilder
 
 

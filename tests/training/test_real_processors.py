@@ -23,7 +23,8 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from robovqa_ft.training.attention import BRANCH
-from robovqa_ft.training.model import FAMILIES, Family, load_processor, model_family
+from robovqa_ft.training.families import FAMILIES, Family, model_family
+from robovqa_ft.training.model import load_processor
 from robovqa_ft.training.samples import ASSISTANT_HEADER, IGNORE_INDEX, SampleBuilder
 from robovqa_ft.training.trees import clip_trees
 

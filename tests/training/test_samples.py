@@ -24,7 +24,8 @@ from robovqa_ft.training.collate import (
     predicting_positions,
     split_counters,
 )
-from robovqa_ft.training.model import FAMILIES, attach_lora, load_model, load_processor
+from robovqa_ft.training.families import FAMILIES
+from robovqa_ft.training.model import attach_lora, load_model, load_processor
 from robovqa_ft.training.random_model import IMAGENET_MEAN, IMAGENET_STD, build_tiny_internvl
 from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder, frame_indices
 from robovqa_ft.training.steps import StepSampler

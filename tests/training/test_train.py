@@ -36,8 +36,9 @@ from robovqa_ft.training.checkpoints import (
     set_aside_incomplete,
 )
 from robovqa_ft.training.collate import collator, split_counters
+from robovqa_ft.training.families import model_family
 from robovqa_ft.training.metrics import MetricsLog
-from robovqa_ft.training.model import attach_lora, load_model, load_processor, model_family
+from robovqa_ft.training.model import attach_lora, load_model, load_processor
 from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder
 from robovqa_ft.training.train import CurriculumTrainer, train_run, training_arguments
 

@@ -33,14 +33,9 @@ from robovqa_ft.evaluation.journal import Journal
 from robovqa_ft.evaluation.val_losses import loss_summary, sample_losses
 from robovqa_ft.training.attention import BRANCH, SEGMENT, model_inputs
 from robovqa_ft.training.collate import collator, split_counters
+from robovqa_ft.training.families import FAMILIES, model_family
 from robovqa_ft.training.loss import labelled_token_losses
-from robovqa_ft.training.model import (
-    FAMILIES,
-    attach_lora,
-    load_model,
-    load_processor,
-    model_family,
-)
+from robovqa_ft.training.model import attach_lora, load_model, load_processor
 from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder
 from robovqa_ft.training.steps import ClipStepSampler
 from robovqa_ft.training.trees import ClipTrees, build_tree, clip_trees, shared_prefix

@@ -263,7 +263,7 @@ def build(indexes: list[Path], out: Path) -> dict[str, Path]:
     outputs = {key: Path(path) for key, path in jsonl_paths(str(out)).items()}
     build_jsonl(indexes, outputs, out / "metadata.json", split="official", val_ratio=0.1,
                 split_seed=0, subset_ratio=1.0, frames_per_clip=16, frame_size=[16, 16],
-                jpeg_quality=90, source="test")  # fmt: skip
+                jpeg_quality=90, source="test", frame_rate=2.0)  # fmt: skip
     return outputs
 
 

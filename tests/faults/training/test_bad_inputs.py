@@ -17,13 +17,8 @@ from robovqa_ft.training.checkpoints import (
     FINGERPRINT_FILE,
     prepare_checkpoint_dir,
 )
-from robovqa_ft.training.model import (
-    attach_lora,
-    check_adapter,
-    load_model,
-    load_processor,
-    model_family,
-)
+from robovqa_ft.training.families import model_family
+from robovqa_ft.training.model import attach_lora, check_adapter, load_model, load_processor
 from robovqa_ft.training.samples import JsonlDataset, SampleBuilder
 
 

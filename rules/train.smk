@@ -15,6 +15,7 @@ rule build_tiny_model:
     conda:
         "../envs/train.yaml"
     params:
+        family=config["tiny_model"]["family"],
         image_size=config["tiny_model"]["image_size"],
         vocab_size=config["tiny_model"]["vocab_size"],
         seed=config["training"]["seed"],

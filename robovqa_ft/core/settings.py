@@ -32,6 +32,10 @@ FAMILY_PACKS = {"internvl": True, "qwen2_5_vl": False, "qwen3_vl": False}
 TINY_FAMILIES = ("internvl", "qwen3_vl")
 # model.frames_as: the frames as the family's video input, or each its own image (Qwen-VL)
 FRAMES_AS = ("video", "images")
+TINY_TILE_PROBLEM = (
+    "tiny_model.image_size is InternVL's tile; a tiny Qwen3-VL takes the frames at their "
+    "stored size (a token per 32 × 32 px of a frame pair): set it to null, and frame_size instead"
+)
 FOLDER_PREFIXES = ("/", "./", "../", "~")  # a model.name starting so is a folder, not a hub id
 # stage1.layout: a clip's questions as one tree (one pass over its frames), or each
 # question its own sample (the seed recipe's). Stage 2 has one sample a clip already.
@@ -222,6 +226,9 @@ def cross_key_errors(config: dict) -> Iterator[str]:
         )
     elif family and frames_as_problem(family, model.get("frames_as", "video")):
         yield frames_as_problem(family, model.get("frames_as", "video"))
+    tiny = config.get("tiny_model", {})
+    if model["name"] == "tiny" and tiny.get("family") != "internvl" and tiny.get("image_size"):
+        yield TINY_TILE_PROBLEM
     elif family and config["training"]["padding"] == "packed" and not FAMILY_PACKS[family]:
         packing = [name for name, packs in FAMILY_PACKS.items() if packs]
         yield (

@@ -119,11 +119,11 @@ def pack_batch(samples: list, pad_token_id: int = 0, masked: bool = True) -> dic
     if not masked and any(BRANCH in s for s in samples):
         raise ValueError("a tree needs a 4-D attention mask, which flash-attention cannot take")
     batch: dict[str, Any] = {}
-    for key, first in samples[0].items():
+    for key in samples[0]:
         if key in (*SAMPLE_COUNTS, "attention_mask", "position_ids", BRANCH):
             continue
         batch[key] = torch.cat([s[key] for s in samples])
-        if first.dim() == 1:  # per token: one row
+        if _per_token(samples[0], key):  # one row
             batch[key] = batch[key][None]
     labels = [s["labels"].clone() for s in samples]
     for row in labels:
@@ -143,6 +143,13 @@ def pack_batch(samples: list, pad_token_id: int = 0, masked: bool = True) -> dic
     return _counters(batch, samples, real, given)
 
 
+def _per_token(sample: dict, key: str) -> bool:
+    """Whether `sample[key]` has a value a token (ids, labels, ...), not one a frame, an
+    image or a video (Qwen2.5-VL's `second_per_grid_ts` is 1-D too)."""
+    value = sample[key]
+    return value.dim() == 1 and len(value) == len(sample["input_ids"])
+
+
 def pad_batch(samples: list, pad_token_id: int, side: str = "right") -> dict[str, Any]:
     """Pad token sequences (right for training, left for generation); concatenate the
     visual inputs (tiles in prompt order). Trees (one a row) keep their own positions and
@@ -154,10 +161,10 @@ def pad_batch(samples: list, pad_token_id: int, side: str = "right") -> dict[str
     length = max(len(s["input_ids"]) for s in samples)
     pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
     batch: dict[str, Any] = {}
-    for key, first in samples[0].items():
+    for key in samples[0]:
         if key in SAMPLE_COUNTS:
             continue
-        if first.dim() == 1:  # per token
+        if _per_token(samples[0], key):
             value = pad_values.get(key, 0)
             widths = [(0, length - len(s[key])) for s in samples]
             if side == "left":

@@ -26,7 +26,13 @@ from robovqa_ft.training.collate import (
 )
 from robovqa_ft.training.families import FAMILIES
 from robovqa_ft.training.model import attach_lora, load_model, load_processor
-from robovqa_ft.training.random_model import IMAGENET_MEAN, IMAGENET_STD, build_tiny_internvl
+from robovqa_ft.training.random_model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    QWEN_CHAT_TEMPLATE,
+    QWEN_SPECIAL_TOKENS,
+    build_tiny_internvl,
+)
 from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder, frame_indices
 from robovqa_ft.training.steps import StepSampler
 
@@ -45,25 +51,6 @@ STAGE2_PAIRS = {
         ("Q: what just happened?", "open the drawer"),
     ],
 }
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-# ChatML as Qwen2.5-VL's template: an image item is "<|vision_start|><|image_pad|><|vision_end|>".
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def frame_colour(index: int) -> tuple[int, int, int]:

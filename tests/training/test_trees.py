@@ -1,5 +1,7 @@
 """Stage 1's one-pass layout: each question's loss and gradient from a tree are its separate
-sample's, on the tiny InternVL (1-D positions) and tiny Qwen2.5-VL / Qwen3-VL (3-D), fp32.
+sample's, on the tiny InternVL (1-D positions) and tiny Qwen2.5-VL / Qwen3-VL (3-D), fp32;
+the Qwen-VLs with their frames as one video (and Qwen3-VL's timestamps in the prefix) and
+as images.
 
 The controls that make these tests able to fail were run by breaking the code on purpose:
 a mask that lets branches see each other (`attention.visibility` without its branch
@@ -9,11 +11,12 @@ made the equality tests below fail (docs/performance.md §7, "Stage 1 in one pas
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import yaml
 from accelerate.data_loader import BatchSamplerShard
-from test_samples import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import BatchSampler
 from training_helpers import csv_rows, train_tiny, with_unfit_rows
@@ -27,15 +30,17 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 from robovqa_ft.evaluation.journal import Journal
 from robovqa_ft.evaluation.val_losses import loss_summary, sample_losses
 from robovqa_ft.training.attention import BRANCH, SEGMENT, model_inputs
 from robovqa_ft.training.collate import collator, split_counters
-from robovqa_ft.training.families import FAMILIES, model_family
+from robovqa_ft.training.families import family_of, model_family
 from robovqa_ft.training.loss import labelled_token_losses
 from robovqa_ft.training.model import attach_lora, load_model, load_processor
+from robovqa_ft.training.random_model import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
 from robovqa_ft.training.samples import IGNORE_INDEX, JsonlDataset, SampleBuilder
 from robovqa_ft.training.steps import ClipStepSampler
 from robovqa_ft.training.trees import ClipTrees, build_tree, clip_trees, shared_prefix
@@ -232,18 +237,22 @@ def test_a_tree_longer_than_max_seq_len_splits_with_the_prefix_in_each(internvl)
 
 QWEN = {
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                   Qwen2VLVideoProcessor,
                    14, {"rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}),
     "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
+                 Qwen3VLVideoProcessor,
                  16, {"rope_scaling": {"rope_type": "default", "mrope_section": [2, 1, 1]}}),
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=sorted(QWEN))
+@pytest.fixture(scope="module", params=[(family, frames_as) for family in sorted(QWEN)
+                                        for frames_as in ("video", "images")],
+                ids="-".join)  # fmt: skip
 def qwen(request, tiny_setup) -> dict:
     """A tiny Qwen-VL of each family with its vision tower, and its processor (frames of
-    2×2 merged tokens)."""
-    family = request.param
-    config_class, model_class, processor_class, patch, rope = QWEN[family]
+    2×2 merged tokens), given its frames as one video or as images."""
+    family, frames_as = request.param
+    config_class, model_class, processor_class, video_class, patch, rope = QWEN[family]
     texts = [q for q, _ in QUESTIONS] + [a for _, a in QUESTIONS]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -253,10 +262,13 @@ def qwen(request, tiny_setup) -> dict:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>")  # fmt: skip
-    side = 2 * patch * 2  # 2×2 merged tokens a frame
+    side = 2 * patch * 2  # 2×2 merged tokens a frame (a frame pair, as a video)
     pixels = {"min_pixels": side * side, "max_pixels": side * side, "patch_size": patch}
+    # Qwen3-VL's video processor sizes the whole video: its budget is 4 frames'
+    video = ({"size": {"shortest_edge": side * side, "longest_edge": 4 * side * side}}
+             if video_class is Qwen3VLVideoProcessor else pixels)  # fmt: skip
     processor = processor_class(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=fast,
-                                video_processor=Qwen2VLVideoProcessor(**pixels),
+                                video_processor=video_class(**{"patch_size": patch, **video}),
                                 chat_template=QWEN_CHAT_TEMPLATE)  # fmt: skip
     ids = {
         name: fast.convert_tokens_to_ids(token)
@@ -279,7 +291,8 @@ def qwen(request, tiny_setup) -> dict:
     model = model_class(config_class(text_config=text, vision_config=vision, **ids))
     model = attach_lora(model.float(), 8, 16, 0.0)
     lora_that_acts(model)
-    builder = SampleBuilder(processor, FAMILIES[family], tiny_setup["images"], 4, 512)
+    builder = SampleBuilder(processor, family_of(family, frames_as), tiny_setup["images"], 4,
+                            512, frame_rate=2.0)  # fmt: skip
     images = [f"train-000/{i:02d}.jpg" for i in range(16)]
     other = [f"train-001/{i:02d}.jpg" for i in range(16)]
     clips = [clip_rows(images, "train-000", 3), clip_rows(other, "train-001", 2),
@@ -303,21 +316,29 @@ def test_qwen_lora_gradients_of_a_tree_step_are_the_separate_steps(qwen):
                                                 qwen["pad"])  # fmt: skip
 
 
-def test_qwen_branch_positions_continue_after_the_prefixs_largest(qwen):
-    """A branch's three position rows start at the prefix's largest position + 1, as
-    `get_rope_index` places the text after the frames of its separate sample."""
+def test_qwen_branch_positions_are_where_their_separate_sample_has_them(qwen):
+    """Each branch's three position rows are its separate sample's, as the model's own
+    `get_rope_index` places them: right after the prefix's largest position for frames as
+    images and for Qwen3-VL's video (timestamps and all), and after the video's time-scaled
+    positions for Qwen2.5-VL's."""
     model, builder = qwen["model"], qwen["builder"]
-    (tree,) = tree_items(builder, qwen["clips"][:1])[0]
+    rows = qwen["clips"][0]
+    (tree,) = tree_items(builder, [rows])[0]
     batch = collator("longest", qwen["pad"])([[tree]])
     positions = model_inputs(model, split_counters(batch)[0])["position_ids"][:, 0]
     assert positions.shape[0] == 3
-    prefix = tree[BRANCH] == 0
-    top = positions[:, prefix].max()
-    for branch in (1, 2, 3):
+    prefix = int((tree[BRANCH] == 0).sum())
+    inner = model.get_base_model().model
+    wanted = set(inspect.signature(inner.get_rope_index).parameters)
+    for branch, row in enumerate(rows, start=1):
+        alone = collator("longest", qwen["pad"])([builder.encode(row)])
+        given = {k: v for k, v in split_counters(alone)[0].items() if k in wanted}
+        expected = inner.get_rope_index(**given)[0][:, 0, prefix:]
         where = (tree[BRANCH] == branch).nonzero().squeeze(1)
-        expected = top + 1 + torch.arange(len(where))
-        for row in positions:
-            assert torch.equal(row[where], expected)
+        assert torch.equal(positions[:, where], expected), branch
+    if not (builder.family.video and builder.family.name == "qwen2_5_vl"):
+        top = positions[:, tree[BRANCH] == 0].max()
+        assert int(positions[0, (tree[BRANCH] == 1).nonzero()[0, 0]]) == top + 1
 
 
 # --- steps of whole clips ---

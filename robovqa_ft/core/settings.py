@@ -328,8 +328,8 @@ READS = {
     "train": ["model", "frame_rate", "lora", "training", "stage1", "stage2", "evaluation"],
     "evaluate": ["model", "frame_rate", "stage1", "stage2", "evaluation"],
     "merge": ["model", "frame_rate", "training", "stage1", "stage2"],
-    "ablation_report": ["source", "frame_rate", "model", "lora", "training", "stage1", "stage2",
-                        "evaluation", "report"],
+    "ablation_report": ["source", "frame_rate", "tiny_model", "model", "lora", "training",
+                        "stage1", "stage2", "evaluation", "report"],
 }  # fmt: skip
 
 

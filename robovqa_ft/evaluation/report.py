@@ -338,9 +338,12 @@ def conditions(
     """What the numbers hold under, one bullet each."""
     model, data = settings["model"], metadata["splits"]
     demo = model["name"] in ("tiny", "results/models/tiny") or settings["source"] == "demo"
+    tiny = settings.get("tiny_model", {}).get("family") if model["name"] == "tiny" else None
     lines = [
-        f"- model: {model['name']}, quantization {model['quantization']}, dtype {model['dtype']}, "
-        f"LoRA r {settings['lora']['r']} / alpha {settings['lora']['alpha']}",
+        f"- model: {model['name']}{f' ({tiny})' if tiny else ''}, quantization "
+        f"{model['quantization']}, dtype {model['dtype']}, LoRA r {settings['lora']['r']} / "
+        f"alpha {settings['lora']['alpha']}; frames as {model.get('frames_as', 'video')} "
+        f"(times at a nominal {settings.get('frame_rate')} frames/s where the family reads them)",
         f"- data: source {settings['source']}; train {data['train']['clips']:,} clips "
         f"({data['train']['stage1_samples']:,} stage-1 samples), val {data['val']['clips']:,} "
         f"clips ({data['val']['stage1_samples']:,}); subset ratio "

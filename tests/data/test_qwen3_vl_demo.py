@@ -1,0 +1,34 @@
+"""The Qwen3-VL demo (config/demo_qwen3_vl.yaml over config/demo.yaml) runs the whole DAG,
+at its smallest (tests/data/configs/small.yaml): a tiny Qwen3-VL built and loaded through
+`from_pretrained`, its frames as one video with their times, three trainings, four
+evaluations and the report."""
+
+import json
+
+import pytest
+import yaml
+from test_workflow import ROOT, snakemake
+
+CONFIGS = [str(ROOT / "config" / "demo.yaml"), str(ROOT / "tests/data/configs/small.yaml"),
+           str(ROOT / "config" / "demo_qwen3_vl.yaml")]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_qwen3_vl_demo_runs_the_whole_dag_with_its_frames_as_a_video(tmp_path):
+    snakemake("--cores", "2", "ablation_report", "--configfile", *CONFIGS, workdir=tmp_path)
+    results = tmp_path / "results"
+    model = json.loads((results / "models" / "tiny" / "config.json").read_text())
+    assert model["model_type"] == "qwen3_vl" and model["architectures"] == [
+        "Qwen3VLForConditionalGeneration"
+    ]
+    metadata = json.loads((results / "data" / "metadata.json").read_text())
+    assert metadata["frames"]["rate"] == 2.0 and metadata["frames"]["size"] == [128, 128]
+    for run in ("stage1", "stage2", "stage2_only"):
+        settings = yaml.safe_load((results / run / "config.yaml").read_text())
+        assert settings["model"]["frames_as"] == "video", run
+        assert settings["model"]["frame_rate"] == 2.0, run
+    for run in ("base", "stage1", "stage2", "stage2_only"):
+        evaluation = json.loads((results / run / "eval.json").read_text())
+        assert evaluation["loss"]["stage1_val"]["loss"] > 0, run
+    report = (results / "ablation" / "report.md").read_text()
+    assert "model: tiny (qwen3_vl)" in report and "frames as video" in report

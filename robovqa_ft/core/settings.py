@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 SCHEMA = "config/schema.yaml"  # in the workflow's folder
 
 # Model type (config.json) -> whether its samples can share a row under `packed` padding.
-# robovqa_ft.training.model.FAMILIES is the truth, but it imports torch; a test compares the two.
+# robovqa_ft.training.families.FAMILIES is the truth, but it imports torch; a test compares the two.
 FAMILY_PACKS = {"internvl": True, "qwen2_5_vl": False, "qwen3_vl": False}
 # tiny_model.family: the families the workflow can build a tiny model of (model.name "tiny")
 TINY_FAMILIES = ("internvl", "qwen3_vl")

@@ -1,7 +1,7 @@
 """The Qwen3-VL demo (config/demo_qwen3_vl.yaml over config/demo.yaml) runs the whole DAG,
 at its smallest (tests/data/configs/small.yaml): a tiny Qwen3-VL built and loaded through
 `from_pretrained`, its frames as one video with their times, three trainings, four
-evaluations and the report."""
+evaluations, the report, and the merged model with its card."""
 
 import json
 
@@ -15,7 +15,8 @@ CONFIGS = [str(ROOT / "config" / "demo.yaml"), str(ROOT / "tests/data/configs/sm
 
 @pytest.mark.slow
 def test_the_qwen3_vl_demo_runs_the_whole_dag_with_its_frames_as_a_video(tmp_path):
-    snakemake("--cores", "2", "ablation_report", "--configfile", *CONFIGS, workdir=tmp_path)
+    snakemake("--cores", "2", "ablation_report", "results/stage2/merged", "--configfile", *CONFIGS,
+              workdir=tmp_path)  # fmt: skip
     results = tmp_path / "results"
     model = json.loads((results / "models" / "tiny" / "config.json").read_text())
     assert model["model_type"] == "qwen3_vl" and model["architectures"] == [
@@ -32,3 +33,7 @@ def test_the_qwen3_vl_demo_runs_the_whole_dag_with_its_frames_as_a_video(tmp_pat
         assert evaluation["loss"]["stage1_val"]["loss"] > 0, run
     report = (results / "ablation" / "report.md").read_text()
     assert "model: tiny (qwen3_vl)" in report and "frames as video" in report
+    merged = results / "stage2" / "merged"
+    assert json.loads((merged / "config.json").read_text())["model_type"] == "qwen3_vl"
+    card = (merged / "README.md").read_text()
+    assert "for Qwen-VL one video" in card and "fps 2.0" in card

@@ -95,6 +95,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_step.py --tiny
 	$(BIN)/python bench/flops.py
 	$(BIN)/python bench/eval_cost.py
+	$(BIN)/python bench/family_cost.py
 	test -f demo/results/data/stage1/train.jsonl || $(MAKE) demo
 	$(BIN)/python bench/tree_epoch.py
 

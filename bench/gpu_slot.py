@@ -12,8 +12,10 @@ for the device tool's `run` with carry [".whl"] and timeout_s 420:
 What it does, each line appended to OUT/gpu_slot.md as it completes, and printed (the
 traceback of any failure to OUT/gpu_slot_errors.txt):
   1. a header: date, device, Python, and each package's version and where it came from;
-  2. a smoke run: every setup below on the tiny InternVL (seconds on a GPU); a setup that
-     fails here is left out of the full-size run, so a broken path costs no 8B time;
+  2. a smoke run: the tiny Qwen3-VL's one setup first (its time also sizes what the
+     InternVL run leaves it, 5. below), then every setup below on the tiny InternVL
+     (seconds on a GPU); a setup that fails here is left out of the full-size run, so a
+     broken path costs no 8B time;
   3. InternVL3-8B, the setups in `flop_order` (the seed's and bf16 LoRA, then the fewest
      counted executed FLOPs first; packing only with flash-attention 2), each built in memory on the GPU in bf16 with random weights (no 16 GB
      save and load; nf4 quantized where it sits, as `from_pretrained` would), prepared
@@ -22,17 +24,30 @@ traceback of any failure to OUT/gpu_slot_errors.txt):
      config.yaml lays it out, steps of whole clips of 32 questions as trees (train_step's
      docstring; a setup whose tree line failed in the smoke run keeps its other lines);
   4. the default it points to: the fewest seconds for a stage-1 plus a stage-2 step among
-     the setups whose peak memory stays within 60 GB, so that it fits an 80 GB card.
+     the setups whose peak memory stays within 60 GB, so that it fits an 80 GB card;
+  5. Qwen3-VL-8B (`random_model.QWEN3_VL_8B`, the published architecture) built the same
+     way, after every InternVL model is freed (the two 8B models, 16 and 17.5 GB in bf16,
+     are never held at once; its heading says what the GPU still holds): bf16 LoRA r 128
+     on the language model (train_step's setup 3: gc on, sdpa, micro-batch 2, padding to
+     the longest), the frames as one video at 2 frames a second (`families.family_of(
+     "qwen3_vl", "video")`; 288 px frames, 81 tokens a frame pair), its stage 1, stage 2
+     and stage 1 tree lines, counted by `counted_step_flops` (train_step's language terms
+     and Qwen3-VL's own vision tower, for its MFU column).
 
 The budget counts from the script's start: a setup starts only if the time left covers
 the one before it, a running one ends once the time left would not cover another step as
-long as its last, and a last line names what was not run; the exit status is 0. Rehearsed on a CPU with `--tiny`
-(tiny model, float32): `make rehearse-gpu-slot`.
+long as its last, and a last line names what was not run; the exit status is 0. The
+InternVL run ends early enough to leave Qwen3-VL-8B a minute, or twice its smoke run if
+that is longer (a `kept` line says how long): after the two InternVL baselines, the
+Qwen3-VL line comes before InternVL's other setups. `--only` picks setups of both models
+(Qwen3-VL runs setup 3 alone); `--counted-order` prints both models' counts. Rehearsed on
+a CPU with `--tiny` (tiny models, float32): `make rehearse-gpu-slot`.
 """  # noqa: E501 - the command above is one line, to be passed as it is
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import importlib
@@ -42,15 +57,18 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from synthetic import STAGES, processor_for, write_clips
+import train_step
+from synthetic import CONFIG, STAGES, processor_for, write_clips
 from train_step import (
     COLUMNS,
     LORA,
     TREES,
+    ClipSteps,
     Setup,
     device_peak,
     encode,
@@ -60,27 +78,176 @@ from train_step import (
     stage_lines,
     stage_samples,
     step_flops,
+    tree_step_flops,
 )
-from transformers import InternVLForConditionalGeneration
+from transformers import AutoModelForImageTextToText
 from transformers.quantizers import AutoHfQuantizer
 from transformers.utils import is_flash_attn_2_available
 
-from robovqa_ft.training.families import FAMILIES
+from robovqa_ft.training.families import FAMILIES, Family, family_of
 from robovqa_ft.training.model import attach_lora, nf4_config, prepare_model
-from robovqa_ft.training.random_model import ARCHITECTURES, internvl_config
+from robovqa_ft.training.random_model import (
+    ARCHITECTURES,
+    build_qwen3_vl_processor,
+    conversation_texts,
+    internvl_config,
+    qwen3_vl_config,
+)
+from robovqa_ft.training.samples import JsonlDataset, SampleBuilder
 
 # train_step's setups, by number: the seed's (1) and bf16 LoRA (3) first, the baselines
 # every other is compared with; the rest in `flop_order`.
 BASELINES = (1, 3)
 DEFAULT_PEAK_GB = 60.0  # the default must fit an 80 GB card
+FULL_SETUP_SECONDS = 60.0  # an 8B setup: built, two warm-up and two timed steps at least
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "huggingface_hub",
             "safetensors", "bitsandbytes")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A family the slot measures: its architectures (random_model's, "tiny" and `full`),
+    processor, config, the setups it runs (train_step's numbers; None: every one) and how
+    its samples are encoded (`family`, `frame_rate`)."""
+
+    name: str
+    full: str  # the full-size architecture
+    family: Family
+    make_processor: Callable[[dict, str], object]  # (clips' paths, architecture)
+    make_config: Callable[[str, object], object]  # (architecture, processor)
+    numbers: tuple[int, ...] | None = None
+    frame_rate: float | None = None  # the stored frames' rate, for frames as a video
+
+    def architecture(self, tiny: bool) -> str:
+        return "tiny" if tiny else self.full
+
+    def stage_dataset(self, processor, paths: dict, stage: str) -> JsonlDataset:
+        """synthetic.stage_dataset for this family: config.yaml's frames and length."""
+        settings = CONFIG[stage]
+        builder = SampleBuilder(processor, self.family, paths["images"], settings["max_frames"],
+                                settings["max_seq_len"], frame_rate=self.frame_rate)  # fmt: skip
+        return JsonlDataset(paths[stage], builder)
+
+
+INTERNVL = Model(
+    "InternVL", "internvl3-8b", FAMILIES["internvl"],
+    lambda paths, architecture: processor_for(paths, ARCHITECTURES[architecture]["image_size"]),
+    internvl_config,
+)  # fmt: skip
+QWEN3_VL = Model(
+    "Qwen3-VL", "qwen3-vl-8b", family_of("qwen3_vl", "video"),
+    lambda paths, _: build_qwen3_vl_processor(conversation_texts([paths["stage2"]]), 8000),
+    qwen3_vl_config, numbers=(3,), frame_rate=2.0,
+)  # fmt: skip
+MODELS = (QWEN3_VL, INTERNVL)  # the smoke run's order; the full-size run's is InternVL first
 
 
 def slot_setups(flash: bool, only: list[int] | None = None) -> list[tuple[int, Setup]]:
     """(number, setup) of train_step's setups, or of `only`'s, in that order."""
     chosen = setups(flash)
     return [(number, chosen[number - 1]) for number in only or range(1, len(chosen) + 1)]
+
+
+def model_setups(
+    model: Model, flash: bool, only: list[int] | None = None
+) -> list[tuple[int, Setup]]:
+    """`slot_setups` that `model` runs (its `numbers`, those of them in `only`)."""
+    if model.numbers is None:
+        return slot_setups(flash, only)
+    numbers = [n for n in model.numbers if not only or n in only]
+    return slot_setups(flash, numbers) if numbers else []
+
+
+def text_only(config) -> SimpleNamespace:
+    """`config` as train_step's `model_flops` reads it, its (InternVL) vision terms zero:
+    with no tiles, its count is the language model's terms alone."""
+    vision = SimpleNamespace(hidden_size=0, num_hidden_layers=0, intermediate_size=0,
+                             image_size=(0,), patch_size=(1,))  # fmt: skip
+    return SimpleNamespace(text_config=config.text_config, vision_config=vision,
+                           image_seq_length=0)  # fmt: skip
+
+
+def qwen3_vl_vision_flops(config, grid_thw: torch.Tensor) -> float:
+    """Model FLOPs of a sample's frames through Qwen3-VL's vision tower and mergers, frozen
+    and forward only, as train_step counts InternVL's: per patch 2·N_blocks (each block's
+    attention q, k, v, o and its MLP), per merged token 2·N_mergers (the merger and one
+    per deepstack layer, 2×2 patches to the language model's width), attention 4·L_v·d_v·g²
+    for each group of g patches that attends within itself (a frame pair, or an image)."""
+    vision = config.vision_config
+    d, depth = vision.hidden_size, vision.depth
+    blocks = depth * (4 * d * d + 2 * d * vision.intermediate_size)
+    merged = d * vision.spatial_merge_size**2
+    merger = merged * merged + merged * vision.out_hidden_size
+    mergers = (1 + len(vision.deepstack_visual_indexes)) * merger
+    groups = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
+    patches = sum(groups)
+    return (2 * blocks * patches + 2 * mergers * patches // vision.spatial_merge_size**2
+            + 4 * depth * d * sum(g * g for g in groups))  # fmt: skip
+
+
+def vision_flops(config, sample: dict) -> float:
+    """A Qwen3-VL sample's or tree's frames (its video, or its images), once."""
+    grid = sample.get("video_grid_thw", sample.get("image_grid_thw"))
+    return 0.0 if grid is None else qwen3_vl_vision_flops(config, grid)
+
+
+def without_frames(sample: dict) -> dict:
+    """`sample` as train_step's count reads it, with no InternVL tiles."""
+    return {**sample, "pixel_values": ()}
+
+
+def counted_step_flops(
+    config, setup: Setup, samples: list[dict], per_step: int, lora_params: int
+) -> tuple[float, float]:
+    """train_step's `step_flops` for InternVL and Qwen3-VL: for Qwen3-VL its language
+    terms (`text_only`) and its own vision (`qwen3_vl_vision_flops`), the same in model
+    and executed FLOPs (frozen, forward only, no padding)."""
+    if config.model_type == "internvl":
+        return step_flops(config, setup, samples, per_step, lora_params)
+    model, executed = step_flops(text_only(config), setup, [without_frames(s) for s in samples],
+                                 per_step, lora_params)  # fmt: skip
+    steps = -(-len(samples) // per_step)
+    vision = sum(vision_flops(config, s) for s in samples) / steps
+    return model + vision, executed + vision
+
+
+def counted_tree_step_flops(
+    config,
+    setup: Setup,
+    clips: ClipSteps,
+    micro_batches: list[list[tuple[int, ...]]],
+    lora_params: int,
+) -> tuple[float, float]:
+    """train_step's `tree_step_flops`, for InternVL and Qwen3-VL as `counted_step_flops`:
+    a tree's frames are its clip's, once."""
+    if config.model_type == "internvl":
+        return tree_step_flops(config, setup, clips, micro_batches, lora_params)
+    bare = dataclasses.replace(clips, trees=[[without_frames(t) for t in c] for c in clips.trees])
+    model, executed = tree_step_flops(text_only(config), setup, bare, micro_batches, lora_params)
+    vision = sum(vision_flops(config, tree) for step in micro_batches for batch in step
+                 for clip in batch for tree in clips.trees[clip]) / len(micro_batches)  # fmt: skip
+    return model + vision, executed + vision
+
+
+@contextlib.contextmanager
+def train_step_for(model: Model) -> Iterator[None]:
+    """train_step as `model` needs it, while its phase runs. train_step encodes samples
+    with synthetic.stage_dataset and counts FLOPs with its model_flops, both InternVL's:
+    for another family, its `stage_dataset` (its frames as a video, at its frame rate) and
+    the counts above take their place, and are put back afterwards."""
+    if model.family.name == "internvl":
+        yield
+        return
+    swapped = {"stage_dataset": model.stage_dataset, "step_flops": counted_step_flops,
+               "tree_step_flops": counted_tree_step_flops}  # fmt: skip
+    kept = {name: getattr(train_step, name) for name in swapped}
+    for name, value in swapped.items():
+        setattr(train_step, name, value)
+    try:
+        yield
+    finally:
+        for name, value in kept.items():
+            setattr(train_step, name, value)
 
 
 def flop_order(
@@ -95,7 +262,7 @@ def flop_order(
     longest), the slowest way to spend the slot."""
     lora = lora_parameters(config, LORA["r"])
     counted = {
-        number: sum(step_flops(config, setup, samples[stage], per_step, lora)[1]
+        number: sum(counted_step_flops(config, setup, samples[stage], per_step, lora)[1]
                     for stage in STAGES)
         for number, setup in chosen
     }  # fmt: skip
@@ -134,7 +301,8 @@ def quantize_nf4(model, dtype: torch.dtype) -> None:
     and each keeps its weight, quantized as it is moved to its device."""
     import bitsandbytes as bnb
 
-    quantizer = AutoHfQuantizer.from_config(nf4_config(FAMILIES["internvl"], dtype))
+    family = FAMILIES[model.config.model_type]
+    quantizer = AutoHfQuantizer.from_config(nf4_config(family, dtype))
     weights = dict(model.named_parameters())
     device = next(iter(weights.values())).device
     quantizer.preprocess_model(model, device_map={"": device})
@@ -153,11 +321,11 @@ def quantize_nf4(model, dtype: torch.dtype) -> None:
 
 
 def build_model(config, setup: Setup, dtype: torch.dtype, device: str):
-    """A random InternVL of `config` made on `device`, prepared as `load_model` prepares a
-    loaded one, with the run's LoRA."""
+    """A random model of `config` (InternVL or Qwen3-VL) made on `device`, of the class
+    `load_model` loads, prepared as it prepares a loaded one, with the run's LoRA."""
     torch.manual_seed(0)
     with torch.device(device):
-        model = InternVLForConditionalGeneration._from_config(
+        model = AutoModelForImageTextToText.from_config(
             copy.deepcopy(config), dtype=dtype, attn_implementation=setup.attention
         )
     if setup.quantization == "nf4":
@@ -166,8 +334,21 @@ def build_model(config, setup: Setup, dtype: torch.dtype, device: str):
     return attach_lora(model, **LORA)
 
 
+def frames_note(config, sample: dict) -> str:
+    """How a stage-1 sample gives its frames: the tokens of each."""
+    ids = sample["input_ids"]
+    if config.model_type == "internvl":
+        tiles = len(sample["pixel_values"])
+        tokens = int((ids == config.image_token_id).sum())
+        return f"a tile a frame, {tokens // max(tiles, 1)} tokens each"
+    pairs = int(sample["video_grid_thw"][:, 0].sum())
+    tokens = int((ids == config.video_token_id).sum())
+    return f"frames as one video, {tokens // max(pairs, 1)} tokens a frame pair"
+
+
 def run_phase(
     title: str,
+    model: Model,
     chosen: list[tuple[int, Setup]],
     architecture: str,
     paths: dict,
@@ -177,62 +358,68 @@ def run_phase(
     emit: Callable[[str], None],
     first_estimate: float = 0.0,
 ) -> tuple[dict[int, dict], list[tuple[int, Setup]]]:
-    """Each setup of `chosen` while the budget covers it: ({number: {stage: figures}}, the
-    setups not run). The first starts only if `first_estimate` seconds are left."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, settings.dtype)
-    processor = processor_for(paths, ARCHITECTURES[architecture]["image_size"])
-    config = internvl_config(architecture, processor)
-    samples = stage_samples(paths, processor, settings.stages, settings.samples_per_step,
-                            1 + settings.steps, any(s.trees for _, s in chosen))  # fmt: skip
-    _, peak = device_peak(args)
-    emit(f"## {title}: {architecture}, {settings.dtype}, built on {device}, "
-         f"{settings.samples_per_step} samples a step, {settings.steps} timed")  # fmt: skip
-    ordered, dense = flop_order(chosen, config, samples, settings.samples_per_step)
-    if not args.only:  # a stated order and choice are kept
-        chosen = [setup for setup, _ in ordered]
-        if dense:
-            emit(
-                "left out, packed under SDPA (a dense block mask over the whole row): "
-                + "; ".join(f"setup {n} {flops / 1e12:.3g} TFLOP" for (n, _), flops in dense)
-            )
-    counts = "; ".join(f"setup {n} {flops / 1e12:.3g}" for (n, _), flops in ordered)
-    emit(f"order (baselines, then by counted executed TFLOP of a stage-1 + stage-2 step): "
-         f"{counts}")  # fmt: skip
-    emit(COLUMNS)
-    results: dict[int, dict] = {}
-    estimate = first_estimate  # then the setup before's seconds
-    for index, (number, setup) in enumerate(chosen):
-        if deadline - time.monotonic() < estimate:
-            return results, chosen[index:]
-        start = time.monotonic()
-        label = setup.label(settings.dtype)
-        try:
-            model = build_model(config, setup, dtype, device)
-        except Exception as error:  # noqa: BLE001 - a setup that cannot be built is a result
-            emit(f"all | {label} | cannot build: {type(error).__name__}: {error}")
-            keep_traceback(args.out, f"{title}, setup {number}: cannot build")
+    """Each setup of `chosen` on `model`'s `architecture` while the budget covers it:
+    ({number: {stage: figures}}, the setups not run). The first starts only if
+    `first_estimate` seconds are left. Each setup's model is freed before the next is
+    built, and the last before this returns."""
+    with train_step_for(model):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = getattr(torch, settings.dtype)
+        processor = model.make_processor(paths, architecture)
+        config = model.make_config(architecture, processor)
+        samples = stage_samples(paths, processor, settings.stages, settings.samples_per_step,
+                                1 + settings.steps, any(s.trees for _, s in chosen))  # fmt: skip
+        _, peak = device_peak(args)
+        held = (f", {torch.cuda.memory_allocated() / 1e9:.1f} GB held on the GPU before it"
+                if device == "cuda" else "")  # fmt: skip
+        emit(f"## {title}: {model.name} {architecture}, {settings.dtype}, built on {device}, "
+             f"{settings.samples_per_step} samples a step, {settings.steps} timed, "
+             f"{frames_note(config, samples[STAGES[0]][0])}{held}")  # fmt: skip
+        ordered, dense = flop_order(chosen, config, samples, settings.samples_per_step)
+        if not args.only:  # a stated order and choice are kept
+            chosen = [setup for setup, _ in ordered]
+            if dense:
+                emit(
+                    "left out, packed under SDPA (a dense block mask over the whole row): "
+                    + "; ".join(f"setup {n} {flops / 1e12:.3g} TFLOP" for (n, _), flops in dense)
+                )
+        counts = "; ".join(f"setup {n} {flops / 1e12:.3g}" for (n, _), flops in ordered)
+        emit(f"order (baselines, then by counted executed TFLOP of a stage-1 + stage-2 step): "
+             f"{counts}")  # fmt: skip
+        emit(COLUMNS)
+        results: dict[int, dict] = {}
+        estimate = first_estimate  # then the setup before's seconds
+        for index, (number, setup) in enumerate(chosen):
+            if deadline - time.monotonic() < estimate:
+                return results, chosen[index:]
+            start = time.monotonic()
+            label = setup.label(settings.dtype)
+            try:
+                built_model = build_model(config, setup, dtype, device)
+            except Exception as error:  # noqa: BLE001 - a setup that cannot be built is a result
+                emit(f"all | {label} | cannot build: {type(error).__name__}: {error}")
+                keep_traceback(args.out, f"{title}, {model.name} setup {number}: cannot build")
+                free_memory()
+                continue
+            built = time.monotonic() - start
+            figures = {}
+            try:
+                out = args.workdir / "trainer"
+                for stage, r, line in stage_lines(setup, built_model, processor, samples, settings,
+                                                  out, peak, deadline):  # fmt: skip
+                    emit(line)
+                    figures[stage] = r
+            except Exception as error:  # noqa: BLE001 - a setup that fails is a result
+                emit(f"all | {label} | failed: {type(error).__name__}: {error}")
+                keep_traceback(args.out, f"{title}, {model.name} setup {number}: failed")
+            del built_model
             free_memory()
-            continue
-        built = time.monotonic() - start
-        figures = {}
-        try:
-            out = args.workdir / "trainer"
-            for stage, r, line in stage_lines(setup, model, processor, samples, settings, out,
-                                              peak, deadline):  # fmt: skip
-                emit(line)
-                figures[stage] = r
-        except Exception as error:  # noqa: BLE001 - a setup that fails is a result
-            emit(f"all | {label} | failed: {type(error).__name__}: {error}")
-            keep_traceback(args.out, f"{title}, setup {number}: failed")
-        del model
-        free_memory()
-        if figures:
-            results[number] = figures
-        estimate = time.monotonic() - start
-        emit(f"# setup {number}: {estimate:.0f} s ({built:.0f} s to build); "
-             f"{deadline - time.monotonic():.0f} s of the budget left")  # fmt: skip
-    return results, []
+            if figures:
+                results[number] = figures
+            estimate = time.monotonic() - start
+            emit(f"# {model.name} setup {number}: {estimate:.0f} s ({built:.0f} s to build); "
+                 f"{deadline - time.monotonic():.0f} s of the budget left")  # fmt: skip
+        return results, []
 
 
 def default_line(results: dict[int, dict], chosen: list[tuple[int, Setup]], dtype: str) -> str:
@@ -258,6 +445,11 @@ def names(chosen: list[tuple[int, Setup]], dtype: str) -> str:
     return "; ".join(f"setup {n} ({s.label(dtype)})" for n, s in chosen) or "none"
 
 
+def model_names(lineups: list[tuple[Model, list[tuple[int, Setup]]]], dtype: str) -> str:
+    """`names` of each model's setups, after its name."""
+    return "; ".join(f"{m.name} {names(c, dtype)}" for m, c in lineups if c) or "none"
+
+
 def main() -> None:
     started = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -281,22 +473,47 @@ def main() -> None:
 
 def print_counted_order(args) -> None:
     """The full-size run's order, with and without flash-attention 2, from the FLOP count
-    alone: samples are encoded, no model is built (seconds on a CPU)."""
+    alone, for each model: samples are encoded, no model is built (seconds on a CPU)."""
     paths = write_clips(args.workdir / "clips", 24, seed=0, shared_frames=True)
-    architecture = "tiny" if args.tiny else "internvl3-8b"
-    processor = processor_for(paths, ARCHITECTURES[architecture]["image_size"])
-    config = internvl_config(architecture, processor)
     per_step = 16 if args.tiny else 32
-    samples = {stage: encode(paths, processor, stage, 2 * per_step) for stage in STAGES}
-    print(f"{architecture}, {per_step} samples a step; counted executed TFLOP of a stage-1 + "
-          "stage-2 step")  # fmt: skip
-    for flash in (False, True):
-        ordered, dense = flop_order(slot_setups(flash), config, samples, per_step)
-        print(f"flash-attention 2 {'installed' if flash else 'absent'}:")
-        for (number, setup), flops in ordered:
-            print(f"  setup {number} ({setup.label('bfloat16')}): {flops / 1e12:,.0f}")
-        for (number, setup), flops in dense:
-            print(f"  left out: setup {number} ({setup.label('bfloat16')}): {flops / 1e12:,.0f}")
+    for model in (INTERNVL, QWEN3_VL):
+        architecture = model.architecture(args.tiny)
+        processor = model.make_processor(paths, architecture)
+        config = model.make_config(architecture, processor)
+        with train_step_for(model):
+            samples = {stage: encode(paths, processor, stage, 2 * per_step) for stage in STAGES}
+            print(f"{model.name} {architecture}, {per_step} samples a step; counted executed "
+                  f"TFLOP of a stage-1 + stage-2 step")  # fmt: skip
+            for flash in (False, True):
+                chosen = model_setups(model, flash)
+                ordered, dense = flop_order(chosen, config, samples, per_step)
+                print(f"flash-attention 2 {'installed' if flash else 'absent'}:")
+                for (number, setup), flops in ordered:
+                    print(f"  setup {number} ({setup.label('bfloat16')}): {flops / 1e12:,.0f}")
+                for (number, setup), flops in dense:
+                    print(f"  left out: setup {number} ({setup.label('bfloat16')}): "
+                          f"{flops / 1e12:,.0f}")  # fmt: skip
+
+
+def vetted(
+    model: Model,
+    chosen: list[tuple[int, Setup]],
+    results: dict[int, dict],
+    dtype: str,
+    emit: Callable[[str], None],
+) -> list[tuple[int, Setup]]:
+    """The setups of `chosen` that measured both stages in the smoke run, each without
+    its tree line where that failed; a line names those left out."""
+    passed = [(n, s) for n, s in chosen
+              if all(results.get(n, {}).get(stage) for stage in STAGES)]  # fmt: skip
+    if failed := [(n, s) for n, s in chosen if (n, s) not in passed]:
+        emit(f"left out, failed in the smoke run: {model.name} {names(failed, dtype)}")
+    if no_trees := [(n, s) for n, s in passed if s.trees and not results[n].get(TREES)]:
+        emit(f"left out, the {TREES} line failed in the smoke run: "
+             f"{model.name} {names(no_trees, dtype)}")  # fmt: skip
+        passed = [(n, dataclasses.replace(s, trees=False) if (n, s) in no_trees else s)
+                  for n, s in passed]  # fmt: skip
+    return passed
 
 
 def run_slot(args, started: float) -> None:
@@ -315,40 +532,53 @@ def run_slot(args, started: float) -> None:
     emit(f"# gpu_slot {time.strftime('%Y-%m-%d %H:%M %Z')}, {name}, "
          f"torch's CUDA {torch.version.cuda}, peak {peak or 'unknown'} TFLOP/s, "
          f"flash-attn {'installed' if flash else 'absent'}, {versions()}")  # fmt: skip
-    chosen = slot_setups(flash, args.only)
+    lineups = [(model, model_setups(model, flash, args.only)) for model in MODELS]
     try:
         importlib.import_module("bitsandbytes")
     except Exception as error:  # noqa: BLE001 - then the nf4 setups cannot run
         emit(f"nf4: absent, bitsandbytes not installed ({type(error).__name__}: {error}); "
              "fetch_gpu_wheels.sh carries its wheel while the 64 MiB allow it")  # fmt: skip
         keep_traceback(args.out, "import bitsandbytes")
-        chosen = [(n, s) for n, s in chosen if s.quantization != "nf4"]
+        lineups = [(m, [(n, s) for n, s in c if s.quantization != "nf4"]) for m, c in lineups]
+    lineups = [(model, chosen) for model, chosen in lineups if chosen]
 
     paths = write_clips(args.workdir / "clips", 24, seed=0, shared_frames=True)
     dtype = "float32" if args.tiny else "bfloat16"
     smoke = argparse.Namespace(samples_per_step=8, steps=1, dtype=dtype, stages=STAGES)
-    results, skipped = run_phase("smoke", chosen, "tiny", paths, args, smoke, deadline, emit)
-    if skipped or time.monotonic() > deadline:
-        emit(f"skipped, the budget spent: {names(skipped, dtype)}; the full-size run")
-    else:
-        passed = [(n, s) for n, s in chosen
-                  if all(results.get(n, {}).get(stage) for stage in STAGES)]  # fmt: skip
-        if failed := [(n, s) for n, s in chosen if (n, s) not in passed]:
-            emit(f"left out, failed in the smoke run: {names(failed, dtype)}")
-        if no_trees := [(n, s) for n, s in passed if s.trees and not results[n].get(TREES)]:
-            emit(f"left out, the {TREES} line failed in the smoke run: {names(no_trees, dtype)}")
-            passed = [(n, dataclasses.replace(s, trees=False) if (n, s) in no_trees else s)
-                      for n, s in passed]  # fmt: skip
-        full = argparse.Namespace(samples_per_step=16 if args.tiny else 32, steps=1,
-                                  dtype=dtype, stages=STAGES)  # fmt: skip
-        architecture = "tiny" if args.tiny else "internvl3-8b"
-        # An 8B setup is built (seconds) and runs two warm-up and two timed steps: a
-        # minute at the least, however fast the smoke run went.
-        results, skipped = run_phase("full size", passed, architecture, paths, args, full,
-                                     deadline, emit, 0.0 if args.tiny else 60.0)  # fmt: skip
-        if skipped:
-            emit(f"skipped, the time left below the setup before's: {names(skipped, dtype)}")
-        emit(default_line(results, passed, dtype))
+    passed, skipped, smoke_seconds = [], [], {}
+    for model, chosen in lineups:
+        start = time.monotonic()
+        results, not_run = run_phase("smoke", model, chosen, "tiny", paths, args, smoke,
+                                     deadline, emit)  # fmt: skip
+        smoke_seconds[model.name] = time.monotonic() - start
+        passed.append((model, chosen, results))
+        skipped.append((model, not_run))
+    if any(not_run for _, not_run in skipped) or time.monotonic() > deadline:
+        emit(f"skipped, the budget spent: {model_names(skipped, dtype)}; the full-size run")
+        passed = []
+    full = argparse.Namespace(samples_per_step=16 if args.tiny else 32, steps=1,
+                              dtype=dtype, stages=STAGES)  # fmt: skip
+    # InternVL first, then what it leaves time for; an 8B setup is built (seconds) and runs
+    # two warm-up and two timed steps: a minute at the least, however fast the smoke went.
+    first = 0.0 if args.tiny else FULL_SETUP_SECONDS
+    full_run = sorted(((m, vetted(m, c, r, dtype, emit)) for m, c, r in passed),
+                      key=lambda entry: entry[0] is not INTERNVL)  # fmt: skip
+    for index, (model, chosen) in enumerate(full_run):
+        if not chosen:
+            continue
+        later = [m for m, c in full_run[index + 1 :] if c]
+        kept = sum(max(first, 2 * smoke_seconds[m.name]) for m in later)
+        if kept:
+            emit(f"# {kept:.0f} s of the budget kept for {' and '.join(m.name for m in later)}")
+        results, not_run = run_phase("full size", model, chosen, model.architecture(args.tiny),
+                                     paths, args, full, deadline - kept, emit,
+                                     first)  # fmt: skip
+        if not_run:
+            leaving = f", less {kept:.0f} s kept for {' and '.join(m.name for m in later)}"
+            emit(f"skipped, the time left{leaving if later else ''} below the setup before's: "
+                 f"{model.name} {names(not_run, dtype)}")  # fmt: skip
+        if model.numbers is None:  # a choice among every setup
+            emit(default_line(results, chosen, dtype))
     emit(f"# done in {time.monotonic() - started:.0f} s of a {args.budget_seconds:.0f} s budget")
     report.close()
 

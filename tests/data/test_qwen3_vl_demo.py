@@ -1,13 +1,20 @@
 """The Qwen3-VL demo (config/demo_qwen3_vl.yaml over config/demo.yaml) runs the whole DAG,
 at its smallest (tests/data/configs/small.yaml): a tiny Qwen3-VL built and loaded through
 `from_pretrained`, its frames as one video with their times, three trainings, four
-evaluations, the report, and the merged model with its card."""
+evaluations, the report, the merged model with its card, and `robovqa-ask` on a clip."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
+from snakemake.utils import update_config
 from test_workflow import ROOT, snakemake
+
+ASK = str(Path(sys.executable).parent / "robovqa-ask")
 
 CONFIGS = [str(ROOT / "config" / "demo.yaml"), str(ROOT / "tests/data/configs/small.yaml"),
            str(ROOT / "config" / "demo_qwen3_vl.yaml")]  # fmt: skip
@@ -37,3 +44,18 @@ def test_the_qwen3_vl_demo_runs_the_whole_dag_with_its_frames_as_a_video(tmp_pat
     assert json.loads((merged / "config.json").read_text())["model_type"] == "qwen3_vl"
     card = (merged / "README.md").read_text()
     assert "for Qwen-VL one video" in card and "fps 2.0" in card
+    # robovqa-ask gives a run's frames as its training did (its config.yaml: a video)
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    for path in CONFIGS:
+        update_config(config, yaml.safe_load(Path(path).read_text()))
+    (tmp_path / "ask.yaml").write_text(yaml.safe_dump(config))
+    clip = sorted((results / "data" / "images").iterdir())[0]
+    asked = subprocess.run(
+        [ASK, "--frames", str(clip), "--question", "put the cup Q: satisfied?",
+         "--configfile", str(tmp_path / "ask.yaml"), str(results / "stage2")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    # a model two steps trained may well answer with nothing: that it answered is the test
+    assert asked.returncode == 0 and "1 questions about 1 clips" in asked.stderr, asked.stderr
+    assert "1/1" in asked.stderr.splitlines()[-1], asked.stderr

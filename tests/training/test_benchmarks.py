@@ -190,27 +190,59 @@ def test_gpu_slot_stops_cleanly_when_its_budget_is_spent(tmp_path):
     lines = slot_report(tmp_path, "--budget-seconds", "0")  # and exits 0
     skipped = [line for line in lines if line.startswith("skipped")]
     assert len(skipped) == 1 and skipped[0].endswith("; the full-size run")
-    (order,) = [line for line in lines if line.startswith("order (")]
-    assert re.findall(r"setup (\d+) \(", skipped[0]) == re.findall(r"setup (\d+) ", order)
+    orders = [line for line in lines if line.startswith("order (")]  # Qwen3-VL's, InternVL's
+    assert len(orders) == 2
+    assert re.findall(r"setup (\d+) \(", skipped[0]) == [
+        n for order in orders for n in re.findall(r"setup (\d+) ", order)
+    ]
+    assert re.search(r": Qwen3-VL setup 3 \(.*; InternVL setup 1 \(", skipped[0])
     assert not [line for line in lines if line.startswith(("stage1 | QLoRA", "stage1 | LoRA"))]
 
 
-def test_gpu_slot_builds_in_memory_the_model_load_model_loads(tmp_path):
+@pytest.mark.slow
+def test_gpu_slot_measures_qwen3_vl_after_internvl_with_its_frames_as_one_video(tmp_path):
+    lines = slot_report(tmp_path, "--only", "3", "--budget-seconds", "600")
+    phases = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    assert [lines[i].split(",")[0] for i in phases] == [
+        "## smoke: Qwen3-VL tiny", "## smoke: InternVL tiny",
+        "## full size: InternVL tiny", "## full size: Qwen3-VL tiny",
+    ]  # fmt: skip
+    assert not [line for line in lines if "cannot build" in line or "failed" in line]
+    # the InternVL run leaves Qwen3-VL twice its smoke run's time, said before it starts
+    assert re.fullmatch(r"# \d+ s of the budget kept for Qwen3-VL", lines[phases[2] - 1])
+    for start in (phases[0], phases[3]):
+        assert lines[start].endswith("frames as one video, 81 tokens a frame pair")  # 288 px
+        end = next((i for i in phases if i > start), len(lines))
+        rows = [line.split(" | ") for line in lines[start:end] if line.startswith("stage")]
+        measured = [r for r in rows if r[1] != "quantization"]
+        assert [r[:6] for r in measured] == [
+            [stage, "LoRA float32", "gc on", "sdpa", "2", "longest"]
+            for stage in ("stage1", "stage2", "stage1 tree")
+        ]
+        per_step = re.search(r", (\d+) samples a step", lines[start]).group(1)  # 8, then 16
+        assert all(float(r[6]) > 0 and float(r[12]) > 0 and r[13] == per_step for r in measured)
+    assert lines[phases[3] - 1].startswith("default: setup 3, ")  # InternVL's, before Qwen3-VL
+    assert lines[-1].startswith("# done in")
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen3_vl"])
+def test_gpu_slot_builds_in_memory_the_model_load_model_loads(tmp_path, family):
     """Same modules, dtypes, trainable weights and outputs as loading the same random
-    weights through `load_model`, in bf16 LoRA and in nf4."""
+    weights through `load_model`, in bf16 LoRA and in nf4, for each family it builds."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from gpu_slot import build_model
-    from synthetic import processor_for, write_clips
+    from gpu_slot import INTERNVL, QWEN3_VL, build_model
+    from synthetic import write_clips
     from train_step import LORA, Setup
-    from transformers import InternVLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from robovqa_ft.training.model import attach_lora, load_model
-    from robovqa_ft.training.random_model import internvl_config
 
-    processor = processor_for(write_clips(tmp_path / "clips", 2), image_size=56)
-    config = internvl_config("tiny", processor)
+    model = {"internvl": INTERNVL, "qwen3_vl": QWEN3_VL}[family]
+    processor = model.make_processor(write_clips(tmp_path / "clips", 2), "tiny")
+    config = model.make_config("tiny", processor)
+    assert config.model_type == family
     torch.manual_seed(0)  # as build_model seeds its weights
-    saved = InternVLForConditionalGeneration._from_config(copy.deepcopy(config))
+    saved = AutoModelForImageTextToText.from_config(copy.deepcopy(config))
     saved.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     input_ids = torch.randint(10, 200, (1, 16))  # text only: no image token
@@ -380,3 +412,66 @@ def test_gpu_slot_orders_setups_by_counted_flops_and_packing_under_sdpa_goes_las
             by_setup = {s: f for (_, s), f in ordered}
             flash_padded = Setup("none", True, "flash_attention_2", 8, "longest")
             assert by_setup[flash_padded] < by_setup[Setup("none", True, "sdpa", 8, "longest")]
+
+
+def test_gpu_slot_counts_qwen3_vl_with_train_steps_language_terms_and_its_own_vision():
+    """Qwen3-VL-8B's count: train_step's language terms of its text config and its vision
+    tower's, from the weights the model has; its frames counted once in a tree; the
+    swap of train_step's InternVL-only names lasts only while a Qwen3-VL phase runs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import train_step
+    from gpu_slot import (
+        QWEN3_VL,
+        counted_step_flops,
+        counted_tree_step_flops,
+        qwen3_vl_vision_flops,
+        text_only,
+        train_step_for,
+    )
+    from train_step import ClipSteps, Setup, language_sizes, lora_parameters, model_flops
+    from transformers import AutoModelForImageTextToText, Qwen3VLConfig
+
+    from robovqa_ft.training.attention import BRANCH
+    from robovqa_ft.training.random_model import QWEN3_VL_8B
+
+    config = Qwen3VLConfig(**copy.deepcopy(QWEN3_VL_8B), tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    weights = {"blocks": 0, "mergers": 0, "language": 0}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            if name.startswith("model.visual."):
+                weights["mergers" if "merger" in name else "blocks"] += module.weight.numel()
+            elif ".language_model.layers." in name:
+                weights["language"] += module.weight.numel()
+    assert language_sizes(text_only(config)) == (weights["language"], 36, 4096)
+    # two 288 px frame pairs: 18 x 18 patches each, attending within their pair
+    grid = torch.tensor([[2, 18, 18]])
+    vision = qwen3_vl_vision_flops(config, grid)
+    assert vision == (2 * weights["blocks"] * 648 + 2 * weights["mergers"] * 162
+                      + 4 * 27 * 1152 * 2 * 324**2)  # fmt: skip
+
+    lora = lora_parameters(config, 128)
+    lengths, labelled = [300, 250], 20
+    samples = [{"input_ids": torch.zeros(t), "video_grid_thw": grid,
+                "labels": torch.tensor([-100] * (t - 10) + [1] * 10)} for t in lengths]  # fmt: skip
+    setup = Setup("none", True, "sdpa", 2, "longest")
+    counted, executed = counted_step_flops(config, setup, samples, 2, lora)
+    assert counted == model_flops(text_only(config), lengths, labelled, 0, lora) + 2 * vision
+    assert executed > counted  # padding and checkpointing's second forward
+
+    bare = {"input_ids": torch.zeros(300), "labels": torch.tensor([-100] * 290 + [1] * 10),
+            BRANCH: torch.tensor([0] * 200 + [1] * 50 + [2] * 50)}  # fmt: skip
+    with_frames, without = (
+        counted_tree_step_flops(config, setup, ClipSteps([[tree]], [2], [300], 2, [[0]]),
+                                [[(0,)]], lora)[0]
+        for tree in ({**bare, "video_grid_thw": grid}, bare)
+    )  # fmt: skip
+    assert with_frames - without == vision  # the clip's frames once
+
+    internvl_names = (train_step.stage_dataset, train_step.step_flops, train_step.tree_step_flops)
+    with train_step_for(QWEN3_VL):
+        assert train_step.step_flops is counted_step_flops
+        assert train_step.stage_dataset == QWEN3_VL.stage_dataset
+    assert (train_step.stage_dataset, train_step.step_flops,
+            train_step.tree_step_flops) == internvl_names  # fmt: skip

@@ -41,6 +41,9 @@ demo-qwen3-vl: $(STAMP)
 		--configfile config/demo.yaml config/demo_qwen3_vl.yaml
 	@echo
 	@cat demo_qwen3_vl/results/ablation/report.md
+	@echo
+	$(BIN)/robovqa-readme-figures README.md demo_qwen3_vl/results/ablation/report.md \
+		--threads 2 --demo demo_qwen3_vl
 
 # Every run's state, step, losses, speed, last checkpoint and ETA, from its files only:
 # safe while a training runs, from any node, after a crash (DIR=demo: the demo's runs).

@@ -55,8 +55,13 @@ from pathlib import Path
 
 from robovqa_ft.evaluation.report import NOISE
 
+REPORT_IN_FOLDER = "{demo}/results/ablation/report.md"  # a demo folder's report
+DEMO_REPORT = REPORT_IN_FOLDER.format(demo="demo")
 BEGIN = "<!-- demo figures: lines of demo/results/ablation/report.md, checked by make demo -->"
 END = "<!-- end of demo figures -->"
+# A block quotes one demo's report, named in its first marker (`make demo-qwen3-vl`'s:
+# "<!-- demo figures: lines of demo_qwen3_vl/results/ablation/report.md, checked by ...").
+BLOCK_START = "<!-- demo figures: lines of {report}, "
 RECORD = "Machine of record:"  # the block's line that says what ran the quoted report
 HEADLINE_DELTA = "Δ (stage-2-only − curriculum) [95%]"
 BLANK = "Δ frames − blank [95%]"
@@ -146,29 +151,32 @@ def this_machine(threads: int) -> Machine:
     )
 
 
-def _block(readme: str) -> list[str]:
-    if BEGIN not in readme or END not in readme:
-        raise ValueError(f"the README has no demo-figure block ({BEGIN!r} … {END!r})")
-    block = readme.split(BEGIN, 1)[1].split(END, 1)[0]
+def _block(readme: str, source: str = DEMO_REPORT) -> list[str]:
+    """The lines of the block that quotes the report at `source` (its path in the make
+    target's command)."""
+    start = BLOCK_START.format(report=source)
+    if start not in readme or END not in readme.split(start, 1)[1]:
+        raise ValueError(f"the README has no demo-figure block ({start!r}… {END!r})")
+    block = readme.split(start, 1)[1].split("\n", 1)[1].split(END, 1)[0]
     return [line.strip() for line in block.splitlines() if line.strip()]
 
 
-def quoted_lines(readme: str) -> list[str]:
+def quoted_lines(readme: str, source: str = DEMO_REPORT) -> list[str]:
     """The non-empty lines between the markers, the machine record left out."""
-    return [line for line in _block(readme) if not line.startswith(RECORD)]
+    return [line for line in _block(readme, source) if not line.startswith(RECORD)]
 
 
-def recorded_machine(readme: str) -> Machine:
-    for line in _block(readme):
+def recorded_machine(readme: str, source: str = DEMO_REPORT) -> Machine:
+    for line in _block(readme, source):
         if line.startswith(RECORD):
             return parse_machine(line)
     raise ValueError(f"the README's demo-figure block has no {RECORD!r} line")
 
 
-def stale_lines(readme: str, report: str) -> list[str]:
+def stale_lines(readme: str, report: str, source: str = DEMO_REPORT) -> list[str]:
     """Quoted lines that the report does not hold (table separators need not match)."""
     produced = {line.strip() for line in report.splitlines()}
-    return [line for line in quoted_lines(readme)
+    return [line for line in quoted_lines(readme, source)
             if line not in produced and set(line) - set("|-: ")]  # fmt: skip
 
 
@@ -263,12 +271,15 @@ def robust_conclusions(quoted: list[str], report_lines: list[str]) -> tuple[list
     return lines, agree
 
 
-def check(readme: str, report: str, machine: Machine) -> tuple[bool, str]:
-    """Whether the report reproduces the README's figures, as far as `machine` can be
-    asked to, and what to print."""
-    recorded = recorded_machine(readme)
-    quoted, report_lines = quoted_lines(readme), [x.strip() for x in report.splitlines()]
-    stale = stale_lines(readme, report)
+def check(
+    readme: str, report: str, machine: Machine, source: str = DEMO_REPORT
+) -> tuple[bool, str]:
+    """Whether the report (at `source`) reproduces the README's figures, as far as
+    `machine` can be asked to, and what to print."""
+    recorded = recorded_machine(readme, source)
+    quoted = quoted_lines(readme, source)
+    report_lines = [x.strip() for x in report.splitlines()]
+    stale = stale_lines(readme, report, source)
     if recorded.same_setup(machine):
         if not stale:
             return True, "every quoted demo figure is in the fresh report (the machine of record)"
@@ -316,11 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, required=True, help="torch's threads in each demo job"
     )
+    parser.add_argument(
+        "--demo", default="demo", help="the demo's folder, whose report the block quotes"
+    )
     args = parser.parse_args(argv)
+    source = REPORT_IN_FOLDER.format(demo=args.demo)
     readme, machine = Path(args.readme).read_text(), this_machine(args.threads)
-    ok, text = check(readme, Path(args.report).read_text(), machine)
+    ok, text = check(readme, Path(args.report).read_text(), machine, source)
     print(f"{args.readme} against {args.report}: {text}")
-    if not ok or not machine.same_setup(recorded_machine(readme)):
+    if not ok or not machine.same_setup(recorded_machine(readme, source)):
         print(f"This machine's record line, to go with a re-recorded block:\n  {machine.line()}")
     return 0 if ok else 1
 

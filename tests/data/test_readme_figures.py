@@ -215,3 +215,24 @@ def test_the_readme_records_its_machine_and_quotes_every_robust_row():
     rows = table_rows(quoted_lines(text))
     quoted = {(key[1:], column) for key, row in rows.items() for column in row}
     assert set(ROBUST) <= quoted
+
+
+def test_each_demos_block_is_checked_against_its_own_folders_report(tmp_path, monkeypatch):
+    """`make demo-qwen3-vl`'s block (`--demo demo_qwen3_vl`) sits beside make demo's."""
+    monkeypatch.setattr(readme_figures, "this_machine", lambda threads: MACHINE_A)
+    qwen = readme(MACHINE_A, FIGURES_B).replace(
+        BEGIN, "<!-- demo figures: lines of demo_qwen3_vl/results/ablation/report.md, "
+        "checked by make demo-qwen3-vl -->"
+    )  # fmt: skip
+    (tmp_path / "README.md").write_text(readme(MACHINE_A, FIGURES_A) + qwen)
+    source = "demo_qwen3_vl/results/ablation/report.md"
+    assert quoted_lines(qwen, source) != quoted_lines(readme(MACHINE_A, FIGURES_A))
+    args = [str(tmp_path / "README.md"), str(tmp_path / "report.md"), "--threads", "2"]
+    for figures, demo, said in [
+        (FIGURES_A, "demo", 0),
+        (FIGURES_B, "demo_qwen3_vl", 0),
+        (FIGURES_A, "demo_qwen3_vl", 1),
+        (FIGURES_B, "demo", 1),
+    ]:
+        (tmp_path / "report.md").write_text(report(figures))
+        assert main([*args, "--demo", demo]) == said, (demo, said)

@@ -51,12 +51,20 @@ demo-qwen3-vl: $(STAMP)
 status:
 	@$(BIN)/robovqa-status --directory $(or $(DIR),.)
 
-# TensorFlow and torch must not share a process: one pytest run each. The fault suite
-# (tests/faults/) is part of it, its kills at their default size. What CI runs.
+# TensorFlow and torch must not share a process: one pytest run each, the data and the
+# training side by side (each shown whole when it ends), then the kills, which take both
+# cores. The fault suite (tests/faults/) is part of it, its kills at their default size.
+# What CI runs.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests/data tests/faults/data
-	$(BIN)/python -m pytest tests/training tests/faults/training
+	@$(MAKE) --no-print-directory --output-sync=target -j2 test-data test-training
 	$(BIN)/python -m pytest tests/faults/kills
+
+.PHONY: test-data test-training
+test-data test-training: export HF_HUB_OFFLINE := 1
+test-data: $(STAMP)
+	$(BIN)/python -m pytest tests/data tests/faults/data
+test-training: $(STAMP)
+	$(BIN)/python -m pytest tests/training tests/faults/training
 
 # The inner loop, a few minutes: lint, every test but those marked `slow` (multi-process
 # training, the whole DAG under SLURM or a GCS emulator, the kill suite, which is slow

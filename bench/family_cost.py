@@ -27,13 +27,13 @@ Model FLOPs (bench/train_step.py's `model_flops`, the method of docs/performance
 the language model 4·N_lm·T (frozen: forward and input gradients), LoRA 6·N_lora·T,
 causal attention 6·L·d·T² (a tree: its prefix's square and each branch against the
 prefix and itself, `tree_squares`), the head 4·d·V per labelled token; the vision side
-frozen and forward only. InternVL3 goes through `model_flops` itself. The Qwen models
-take its language terms (with no tiles) and their own vision: per patch 2·N_blocks
-(the vision blocks' matmuls) and per merged token 2·N_mergers, attention 4·d_v·g² per
-layer and attention group of g patches, the groups the model's own
-(`transformers.vision_utils`: each frame or frame pair alone; Qwen2.5-VL's windowed
-layers, all but `fullatt_block_indexes`, by `get_vision_window_index`). Patch
-embeddings are left out, as InternVL's formula leaves its own out (<0.5% of the vision).
+frozen and forward only, by train_step's `visual_flops`: InternVL3's per tile, the Qwen
+models' per patch 2·N_blocks (the vision blocks' matmuls) and per merged token
+2·N_mergers, attention 4·d_v·g² per layer and attention group of g patches, the groups
+the model's own (`transformers.vision_utils`: each frame or frame pair alone;
+Qwen2.5-VL's windowed layers, all but `fullatt_block_indexes`, by
+`get_vision_window_index`). Patch embeddings are left out, as InternVL's formula leaves
+its own out (<0.5% of the vision).
 
 GPU-hours: model FLOPs / (40% of the H100 SXM's 989.4 TFLOP/s dense bf16), for 722,979
 stage-1 questions over 199,721 clips (ROBOVQA.md, docs/data.md) and one stage-2 sample a
@@ -63,15 +63,21 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import transformers
 from synthetic import CONFIG, write_clips
-from train_step import LORA, PEAK_TFLOPS, language_sizes, lora_parameters, model_flops, tree_squares
+from train_step import (
+    LORA,
+    PEAK_TFLOPS,
+    language_sizes,
+    lora_parameters,
+    model_flops,
+    tree_squares,
+    visual_flops,
+)
 from transformers import AutoConfig, AutoModelForImageTextToText
-from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
 from robovqa_ft.training.attention import BRANCH
 from robovqa_ft.training.families import Family, model_family
@@ -158,71 +164,10 @@ def linear_weights(model) -> Counter:
     return counts
 
 
-def vision_weights(config) -> dict[str, int]:
-    """A Qwen vision tower's matmul weights: its blocks' (attention q, k, v, o and the MLP,
-    gated in Qwen2.5-VL) and its mergers' (2×2 patches to the language model's width; in
-    Qwen3-VL, one merger more for each deepstack layer)."""
-    vision = config.vision_config
-    d, inner, depth = vision.hidden_size, vision.intermediate_size, vision.depth
-    merged = d * vision.spatial_merge_size**2
-    merger = merged * merged + merged * vision.out_hidden_size
-    if config.model_type == "qwen2_5_vl":
-        return {"blocks": depth * (4 * d * d + 3 * d * inner), "mergers": merger}
-    if config.model_type == "qwen3_vl":
-        deepstack = len(vision.deepstack_visual_indexes)
-        return {"blocks": depth * (4 * d * d + 2 * d * inner), "mergers": (1 + deepstack) * merger}
-    raise ValueError(f"no vision formula for {config.model_type}")
-
-
-def attention_groups(config, grid_thw: torch.Tensor) -> dict[str, list[int]]:
-    """Patches in each vision attention group: "full" (each frame, or frame pair, alone)
-    and, for Qwen2.5-VL's windowed layers, "window", as the model's own code groups them."""
-    vision = config.vision_config
-    full = get_vision_cu_seqlens(grid_thw).diff().tolist()
-    if config.model_type != "qwen2_5_vl":
-        return {"full": full}
-    _, windows = get_vision_window_index(
-        grid_thw, vision.spatial_merge_size, vision.window_size, vision.patch_size
-    )
-    return {"full": full, "window": windows.diff().tolist()}
-
-
-def qwen_vision_flops(config, grid_thw: torch.Tensor) -> float:
-    """One sample's frames through a Qwen vision tower and its mergers, forward only."""
-    vision, weights = config.vision_config, vision_weights(config)
-    patches = int(grid_thw.prod(dim=1).sum())
-    merged = patches // vision.spatial_merge_size**2
-    groups = attention_groups(config, grid_thw)
-    full_layers = len(getattr(vision, "fullatt_block_indexes", range(vision.depth)))
-    pairs = full_layers * sum(g * g for g in groups["full"])
-    pairs += (vision.depth - full_layers) * sum(g * g for g in groups.get("window", []))
-    linear = 2 * weights["blocks"] * patches + 2 * weights["mergers"] * merged
-    return linear + 4 * vision.hidden_size * pairs
-
-
-def text_only(config) -> SimpleNamespace:
-    """`config` as `model_flops` reads it, its (InternVL) vision terms zero: with no tiles,
-    `model_flops` of this is its language-model terms alone."""
-    vision = SimpleNamespace(hidden_size=0, num_hidden_layers=0, intermediate_size=0,
-                             image_size=(0,), patch_size=(1,))  # fmt: skip
-    return SimpleNamespace(text_config=config.text_config, vision_config=vision,
-                           image_seq_length=0)  # fmt: skip
-
-
-def frames_flops(config, frames: dict) -> float:
-    """The vision side's FLOPs for one sample's frames (`frames_of`)."""
-    if config.model_type == "internvl":
-        return model_flops(config, [], 0, frames["tiles"], 0)
-    return qwen_vision_flops(config, frames["grid_thw"])
-
-
 def sample_flops(config, lengths, labelled, frames, lora, squares=None) -> float:
     """Model FLOPs of samples of `lengths` tokens (`labelled` in all) with one set of
     `frames` (`frames_of`) each; `squares` as `model_flops`'s."""
-    if config.model_type == "internvl":
-        return model_flops(config, lengths, labelled, frames["tiles"] * len(lengths), lora, squares)
-    language = model_flops(text_only(config), lengths, labelled, 0, lora, squares)
-    return language + len(lengths) * frames_flops(config, frames)
+    return model_flops(config, lengths, labelled, len(lengths) * frames["flops"], lora, squares)
 
 
 # --- the tokens --------------------------------------------------------------------------
@@ -278,18 +223,19 @@ def tree_shape(builder, texts: list[tuple[list[int], int]], shapes: list[Shape])
 
 
 def frames_of(sample: dict, config) -> dict:
-    """A sample's vision inputs (InternVL's tiles, or a Qwen model's patch grid), the
-    patches its vision tower encodes and the image or video tokens they become."""
+    """A sample's frames: the image or video tokens they become, the patches its vision
+    tower encodes (InternVL: its tiles' too) and the vision side's FLOPs
+    (`visual_flops`)."""
     ids = sample["input_ids"]
     pads = (ids == config.image_token_id) | (ids == getattr(config, "video_token_id", -1))
-    frames = {"visual": int(pads.sum())}
+    frames = {"visual": int(pads.sum()), "flops": visual_flops(config, sample)}
     if config.model_type == "internvl":
         vision = config.vision_config
         per_tile = (vision.image_size[0] // vision.patch_size[0]) ** 2 + 1  # and the class token
         tiles = len(sample["pixel_values"])
         return frames | {"tiles": tiles, "patches": tiles * per_tile}
     grid = sample.get("video_grid_thw", sample.get("image_grid_thw"))
-    return frames | {"grid_thw": grid, "patches": int(grid.prod(dim=1).sum())}
+    return frames | {"patches": int(grid.prod(dim=1).sum())}
 
 
 def labelled(sample: dict) -> int:
@@ -443,7 +389,7 @@ def costs(config, model, family: Family, tokens: Tokens) -> dict[str, float]:
 
     f["per token"], f["per pair"] = 4 * n_lm + 6 * lora, 6 * layers * d
     f["per label"] = 4 * d * text.vocab_size
-    f["vision 1"], f["vision 2"] = frames_flops(config, frames1), frames_flops(config, frames2)
+    f["vision 1"], f["vision 2"] = frames1["flops"], frames2["flops"]
     separate = [sample_flops(config, [s.tokens], s.labelled, frames1, lora) for s in questions]
     trees, tree_squares_ = [], []
     for shapes, prefix, branches in tokens.clips:

@@ -61,7 +61,7 @@ import transformers
 from synthetic import CONFIG, STAGES, questions_per_clip, stage_dataset, write_clips
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from train_step import LORA, model_flops
+from train_step import LORA, model_flops, visual_flops
 
 from robovqa_ft.training import random_model
 from robovqa_ft.training.attention import BRANCH
@@ -286,7 +286,7 @@ def measure(model_dir: Path, batches: dict, full, args, out: Path) -> dict:
             formula = model_flops(
                 full, lengths * per_step,
                 int((batch["labels"] != IGNORE_INDEX).sum()) * per_step,
-                len(batch["pixel_values"]) * per_step,
+                visual_flops(full, batch) * per_step,
                 lora_params * text_layers // TEXT_LAYERS,  # LoRA sits in every layer alike
             )  # fmt: skip
             step = defaultdict(float, {key: value * per_step for key, value in flops.items()})

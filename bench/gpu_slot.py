@@ -31,8 +31,9 @@ traceback of any failure to OUT/gpu_slot_errors.txt):
      on the language model (train_step's setup 3: gc on, sdpa, micro-batch 2, padding to
      the longest), the frames as one video at 2 frames a second (`families.family_of(
      "qwen3_vl", "video")`; 288 px frames, 81 tokens a frame pair), its stage 1, stage 2
-     and stage 1 tree lines, counted by `counted_step_flops` (train_step's language terms
-     and Qwen3-VL's own vision tower, for its MFU column).
+     and stage 1 tree lines, counted as train_step counts InternVL's (its `step_flops`:
+     the language terms of its text config and, from `visual_flops`, Qwen3-VL's own
+     vision tower and mergers, for its MFU column).
 
 The budget counts from the script's start: a setup starts only if the time left covers
 the one before it, a running one ends once the time left would not cover another step as
@@ -47,7 +48,6 @@ a CPU with `--tiny` (tiny models, float32): `make rehearse-gpu-slot`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import importlib
@@ -57,18 +57,15 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-import train_step
-from synthetic import CONFIG, STAGES, processor_for, write_clips
+from synthetic import STAGES, processor_for, write_clips
 from train_step import (
     COLUMNS,
     LORA,
     TREES,
-    ClipSteps,
     Setup,
     device_peak,
     encode,
@@ -78,7 +75,6 @@ from train_step import (
     stage_lines,
     stage_samples,
     step_flops,
-    tree_step_flops,
 )
 from transformers import AutoModelForImageTextToText
 from transformers.quantizers import AutoHfQuantizer
@@ -93,7 +89,6 @@ from robovqa_ft.training.random_model import (
     internvl_config,
     qwen3_vl_config,
 )
-from robovqa_ft.training.samples import JsonlDataset, SampleBuilder
 
 # train_step's setups, by number: the seed's (1) and bf16 LoRA (3) first, the baselines
 # every other is compared with; the rest in `flop_order`.
@@ -108,7 +103,7 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "huggin
 class Model:
     """A family the slot measures: its architectures (random_model's, "tiny" and `full`),
     processor, config, the setups it runs (train_step's numbers; None: every one) and how
-    its samples are encoded (`family`, `frame_rate`)."""
+    its samples are encoded (`family`, `frame_rate`: train_step's `stage_samples`)."""
 
     name: str
     full: str  # the full-size architecture
@@ -120,13 +115,6 @@ class Model:
 
     def architecture(self, tiny: bool) -> str:
         return "tiny" if tiny else self.full
-
-    def stage_dataset(self, processor, paths: dict, stage: str) -> JsonlDataset:
-        """synthetic.stage_dataset for this family: config.yaml's frames and length."""
-        settings = CONFIG[stage]
-        builder = SampleBuilder(processor, self.family, paths["images"], settings["max_frames"],
-                                settings["max_seq_len"], frame_rate=self.frame_rate)  # fmt: skip
-        return JsonlDataset(paths[stage], builder)
 
 
 INTERNVL = Model(
@@ -158,111 +146,19 @@ def model_setups(
     return slot_setups(flash, numbers) if numbers else []
 
 
-def text_only(config) -> SimpleNamespace:
-    """`config` as train_step's `model_flops` reads it, its (InternVL) vision terms zero:
-    with no tiles, its count is the language model's terms alone."""
-    vision = SimpleNamespace(hidden_size=0, num_hidden_layers=0, intermediate_size=0,
-                             image_size=(0,), patch_size=(1,))  # fmt: skip
-    return SimpleNamespace(text_config=config.text_config, vision_config=vision,
-                           image_seq_length=0)  # fmt: skip
-
-
-def qwen3_vl_vision_flops(config, grid_thw: torch.Tensor) -> float:
-    """Model FLOPs of a sample's frames through Qwen3-VL's vision tower and mergers, frozen
-    and forward only, as train_step counts InternVL's: per patch 2·N_blocks (each block's
-    attention q, k, v, o and its MLP), per merged token 2·N_mergers (the merger and one
-    per deepstack layer, 2×2 patches to the language model's width), attention 4·L_v·d_v·g²
-    for each group of g patches that attends within itself (a frame pair, or an image)."""
-    vision = config.vision_config
-    d, depth = vision.hidden_size, vision.depth
-    blocks = depth * (4 * d * d + 2 * d * vision.intermediate_size)
-    merged = d * vision.spatial_merge_size**2
-    merger = merged * merged + merged * vision.out_hidden_size
-    mergers = (1 + len(vision.deepstack_visual_indexes)) * merger
-    groups = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
-    patches = sum(groups)
-    return (2 * blocks * patches + 2 * mergers * patches // vision.spatial_merge_size**2
-            + 4 * depth * d * sum(g * g for g in groups))  # fmt: skip
-
-
-def vision_flops(config, sample: dict) -> float:
-    """A Qwen3-VL sample's or tree's frames (its video, or its images), once."""
-    grid = sample.get("video_grid_thw", sample.get("image_grid_thw"))
-    return 0.0 if grid is None else qwen3_vl_vision_flops(config, grid)
-
-
-def without_frames(sample: dict) -> dict:
-    """`sample` as train_step's count reads it, with no InternVL tiles."""
-    return {**sample, "pixel_values": ()}
-
-
-def counted_step_flops(
-    config, setup: Setup, samples: list[dict], per_step: int, lora_params: int
-) -> tuple[float, float]:
-    """train_step's `step_flops` for InternVL and Qwen3-VL: for Qwen3-VL its language
-    terms (`text_only`) and its own vision (`qwen3_vl_vision_flops`), the same in model
-    and executed FLOPs (frozen, forward only, no padding)."""
-    if config.model_type == "internvl":
-        return step_flops(config, setup, samples, per_step, lora_params)
-    model, executed = step_flops(text_only(config), setup, [without_frames(s) for s in samples],
-                                 per_step, lora_params)  # fmt: skip
-    steps = -(-len(samples) // per_step)
-    vision = sum(vision_flops(config, s) for s in samples) / steps
-    return model + vision, executed + vision
-
-
-def counted_tree_step_flops(
-    config,
-    setup: Setup,
-    clips: ClipSteps,
-    micro_batches: list[list[tuple[int, ...]]],
-    lora_params: int,
-) -> tuple[float, float]:
-    """train_step's `tree_step_flops`, for InternVL and Qwen3-VL as `counted_step_flops`:
-    a tree's frames are its clip's, once."""
-    if config.model_type == "internvl":
-        return tree_step_flops(config, setup, clips, micro_batches, lora_params)
-    bare = dataclasses.replace(clips, trees=[[without_frames(t) for t in c] for c in clips.trees])
-    model, executed = tree_step_flops(text_only(config), setup, bare, micro_batches, lora_params)
-    vision = sum(vision_flops(config, tree) for step in micro_batches for batch in step
-                 for clip in batch for tree in clips.trees[clip]) / len(micro_batches)  # fmt: skip
-    return model + vision, executed + vision
-
-
-@contextlib.contextmanager
-def train_step_for(model: Model) -> Iterator[None]:
-    """train_step as `model` needs it, while its phase runs. train_step encodes samples
-    with synthetic.stage_dataset and counts FLOPs with its model_flops, both InternVL's:
-    for another family, its `stage_dataset` (its frames as a video, at its frame rate) and
-    the counts above take their place, and are put back afterwards."""
-    if model.family.name == "internvl":
-        yield
-        return
-    swapped = {"stage_dataset": model.stage_dataset, "step_flops": counted_step_flops,
-               "tree_step_flops": counted_tree_step_flops}  # fmt: skip
-    kept = {name: getattr(train_step, name) for name in swapped}
-    for name, value in swapped.items():
-        setattr(train_step, name, value)
-    try:
-        yield
-    finally:
-        for name, value in kept.items():
-            setattr(train_step, name, value)
-
-
 def flop_order(
     chosen: list[tuple[int, Setup]], config, samples: dict[str, list], per_step: int
 ) -> tuple[list[tuple[tuple[int, Setup], float]], list[tuple[tuple[int, Setup], float]]]:
     """(the setups to run, those left out), each with its counted executed FLOPs of a
-    stage-1 plus a stage-2 step (train_step.executed_flops; stage 1 in the separate
-    layout, which every setup runs): the baselines first, then the fewest FLOPs first.
-    Packing runs only with flash-attention 2, whose varlen kernel attends within each
-    sample: under SDPA a packed micro-batch is one row with a dense block mask over all
-    its samples (at stage 2, micro-batch 8, ~6x the attention of padding to the
-    longest), the slowest way to spend the slot."""
+    stage-1 plus a stage-2 step (train_step's `step_flops`, for the family of `config`;
+    stage 1 in the separate layout, which every setup runs): the baselines first, then
+    the fewest FLOPs first. Packing runs only with flash-attention 2, whose varlen kernel
+    attends within each sample: under SDPA a packed micro-batch is one row with a dense
+    block mask over all its samples (at stage 2, micro-batch 8, ~6x the attention of
+    padding to the longest), the slowest way to spend the slot."""
     lora = lora_parameters(config, LORA["r"])
     counted = {
-        number: sum(counted_step_flops(config, setup, samples[stage], per_step, lora)[1]
+        number: sum(step_flops(config, setup, samples[stage], per_step, lora)[1]
                     for stage in STAGES)
         for number, setup in chosen
     }  # fmt: skip
@@ -362,64 +258,64 @@ def run_phase(
     ({number: {stage: figures}}, the setups not run). The first starts only if
     `first_estimate` seconds are left. Each setup's model is freed before the next is
     built, and the last before this returns."""
-    with train_step_for(model):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = getattr(torch, settings.dtype)
-        processor = model.make_processor(paths, architecture)
-        config = model.make_config(architecture, processor)
-        samples = stage_samples(paths, processor, settings.stages, settings.samples_per_step,
-                                1 + settings.steps, any(s.trees for _, s in chosen))  # fmt: skip
-        _, peak = device_peak(args)
-        held = (f", {torch.cuda.memory_allocated() / 1e9:.1f} GB held on the GPU before it"
-                if device == "cuda" else "")  # fmt: skip
-        emit(f"## {title}: {model.name} {architecture}, {settings.dtype}, built on {device}, "
-             f"{settings.samples_per_step} samples a step, {settings.steps} timed, "
-             f"{frames_note(config, samples[STAGES[0]][0])}{held}")  # fmt: skip
-        ordered, dense = flop_order(chosen, config, samples, settings.samples_per_step)
-        if not args.only:  # a stated order and choice are kept
-            chosen = [setup for setup, _ in ordered]
-            if dense:
-                emit(
-                    "left out, packed under SDPA (a dense block mask over the whole row): "
-                    + "; ".join(f"setup {n} {flops / 1e12:.3g} TFLOP" for (n, _), flops in dense)
-                )
-        counts = "; ".join(f"setup {n} {flops / 1e12:.3g}" for (n, _), flops in ordered)
-        emit(f"order (baselines, then by counted executed TFLOP of a stage-1 + stage-2 step): "
-             f"{counts}")  # fmt: skip
-        emit(COLUMNS)
-        results: dict[int, dict] = {}
-        estimate = first_estimate  # then the setup before's seconds
-        for index, (number, setup) in enumerate(chosen):
-            if deadline - time.monotonic() < estimate:
-                return results, chosen[index:]
-            start = time.monotonic()
-            label = setup.label(settings.dtype)
-            try:
-                built_model = build_model(config, setup, dtype, device)
-            except Exception as error:  # noqa: BLE001 - a setup that cannot be built is a result
-                emit(f"all | {label} | cannot build: {type(error).__name__}: {error}")
-                keep_traceback(args.out, f"{title}, {model.name} setup {number}: cannot build")
-                free_memory()
-                continue
-            built = time.monotonic() - start
-            figures = {}
-            try:
-                out = args.workdir / "trainer"
-                for stage, r, line in stage_lines(setup, built_model, processor, samples, settings,
-                                                  out, peak, deadline):  # fmt: skip
-                    emit(line)
-                    figures[stage] = r
-            except Exception as error:  # noqa: BLE001 - a setup that fails is a result
-                emit(f"all | {label} | failed: {type(error).__name__}: {error}")
-                keep_traceback(args.out, f"{title}, {model.name} setup {number}: failed")
-            del built_model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, settings.dtype)
+    processor = model.make_processor(paths, architecture)
+    config = model.make_config(architecture, processor)
+    samples = stage_samples(paths, processor, settings.stages, settings.samples_per_step,
+                            1 + settings.steps, any(s.trees for _, s in chosen), model.family,
+                            model.frame_rate)  # fmt: skip
+    _, peak = device_peak(args)
+    held = (f", {torch.cuda.memory_allocated() / 1e9:.1f} GB held on the GPU before it"
+            if device == "cuda" else "")  # fmt: skip
+    emit(f"## {title}: {model.name} {architecture}, {settings.dtype}, built on {device}, "
+         f"{settings.samples_per_step} samples a step, {settings.steps} timed, "
+         f"{frames_note(config, samples[STAGES[0]][0])}{held}")  # fmt: skip
+    ordered, dense = flop_order(chosen, config, samples, settings.samples_per_step)
+    if not args.only:  # a stated order and choice are kept
+        chosen = [setup for setup, _ in ordered]
+        if dense:
+            emit(
+                "left out, packed under SDPA (a dense block mask over the whole row): "
+                + "; ".join(f"setup {n} {flops / 1e12:.3g} TFLOP" for (n, _), flops in dense)
+            )
+    counts = "; ".join(f"setup {n} {flops / 1e12:.3g}" for (n, _), flops in ordered)
+    emit(f"order (baselines, then by counted executed TFLOP of a stage-1 + stage-2 step): "
+         f"{counts}")  # fmt: skip
+    emit(COLUMNS)
+    results: dict[int, dict] = {}
+    estimate = first_estimate  # then the setup before's seconds
+    for index, (number, setup) in enumerate(chosen):
+        if deadline - time.monotonic() < estimate:
+            return results, chosen[index:]
+        start = time.monotonic()
+        label = setup.label(settings.dtype)
+        try:
+            built_model = build_model(config, setup, dtype, device)
+        except Exception as error:  # noqa: BLE001 - a setup that cannot be built is a result
+            emit(f"all | {label} | cannot build: {type(error).__name__}: {error}")
+            keep_traceback(args.out, f"{title}, {model.name} setup {number}: cannot build")
             free_memory()
-            if figures:
-                results[number] = figures
-            estimate = time.monotonic() - start
-            emit(f"# {model.name} setup {number}: {estimate:.0f} s ({built:.0f} s to build); "
-                 f"{deadline - time.monotonic():.0f} s of the budget left")  # fmt: skip
-        return results, []
+            continue
+        built = time.monotonic() - start
+        figures = {}
+        try:
+            out = args.workdir / "trainer"
+            for stage, r, line in stage_lines(setup, built_model, processor, samples, settings,
+                                              out, peak, deadline):  # fmt: skip
+                emit(line)
+                figures[stage] = r
+        except Exception as error:  # noqa: BLE001 - a setup that fails is a result
+            emit(f"all | {label} | failed: {type(error).__name__}: {error}")
+            keep_traceback(args.out, f"{title}, {model.name} setup {number}: failed")
+        del built_model
+        free_memory()
+        if figures:
+            results[number] = figures
+        estimate = time.monotonic() - start
+        emit(f"# {model.name} setup {number}: {estimate:.0f} s ({built:.0f} s to build); "
+             f"{deadline - time.monotonic():.0f} s of the budget left")  # fmt: skip
+    return results, []
 
 
 def default_line(results: dict[int, dict], chosen: list[tuple[int, Setup]], dtype: str) -> str:
@@ -480,19 +376,19 @@ def print_counted_order(args) -> None:
         architecture = model.architecture(args.tiny)
         processor = model.make_processor(paths, architecture)
         config = model.make_config(architecture, processor)
-        with train_step_for(model):
-            samples = {stage: encode(paths, processor, stage, 2 * per_step) for stage in STAGES}
-            print(f"{model.name} {architecture}, {per_step} samples a step; counted executed "
-                  f"TFLOP of a stage-1 + stage-2 step")  # fmt: skip
-            for flash in (False, True):
-                chosen = model_setups(model, flash)
-                ordered, dense = flop_order(chosen, config, samples, per_step)
-                print(f"flash-attention 2 {'installed' if flash else 'absent'}:")
-                for (number, setup), flops in ordered:
-                    print(f"  setup {number} ({setup.label('bfloat16')}): {flops / 1e12:,.0f}")
-                for (number, setup), flops in dense:
-                    print(f"  left out: setup {number} ({setup.label('bfloat16')}): "
-                          f"{flops / 1e12:,.0f}")  # fmt: skip
+        samples = {stage: encode(paths, processor, stage, 2 * per_step, model.family,
+                                 model.frame_rate) for stage in STAGES}  # fmt: skip
+        print(f"{model.name} {architecture}, {per_step} samples a step; counted executed "
+              f"TFLOP of a stage-1 + stage-2 step")  # fmt: skip
+        for flash in (False, True):
+            chosen = model_setups(model, flash)
+            ordered, dense = flop_order(chosen, config, samples, per_step)
+            print(f"flash-attention 2 {'installed' if flash else 'absent'}:")
+            for (number, setup), flops in ordered:
+                print(f"  setup {number} ({setup.label('bfloat16')}): {flops / 1e12:,.0f}")
+            for (number, setup), flops in dense:
+                print(f"  left out: setup {number} ({setup.label('bfloat16')}): "
+                      f"{flops / 1e12:,.0f}")  # fmt: skip
 
 
 def vetted(

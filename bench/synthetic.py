@@ -21,7 +21,7 @@ from robovqa_ft.data.demo_bucket import clip_frames, clip_text, random_clip
 from robovqa_ft.data.frames import clip_frame_paths
 from robovqa_ft.data.jsonl import stage1_lines, stage2_line
 from robovqa_ft.data.qa import parse_qa_text
-from robovqa_ft.training.families import FAMILIES
+from robovqa_ft.training.families import FAMILIES, Family
 from robovqa_ft.training.random_model import build_processor, conversation_texts
 from robovqa_ft.training.samples import JsonlDataset, SampleBuilder
 
@@ -91,9 +91,17 @@ def processor_for(paths: dict[str, Path], image_size: int = 448):
     return build_processor(conversation_texts([paths["stage2"]]), image_size, vocab_size=8000)
 
 
-def stage_dataset(processor, paths: dict[str, Path], stage: str) -> JsonlDataset:
-    """The stage's samples as training builds them, at config.yaml's frames and length."""
+def stage_dataset(
+    processor,
+    paths: dict[str, Path],
+    stage: str,
+    family: Family = FAMILIES["internvl"],
+    frame_rate: float | None = None,
+) -> JsonlDataset:
+    """The stage's samples as training builds them for `family`, at config.yaml's frames
+    and length; `frame_rate`: the stored frames' rate (frames a second), which a family
+    that takes the frames as a video needs (`SampleBuilder`)."""
     settings = CONFIG[stage]
-    builder = SampleBuilder(processor, FAMILIES["internvl"], paths["images"],
-                            settings["max_frames"], settings["max_seq_len"])  # fmt: skip
+    builder = SampleBuilder(processor, family, paths["images"], settings["max_frames"],
+                            settings["max_seq_len"], frame_rate=frame_rate)  # fmt: skip
     return JsonlDataset(paths[stage], builder)

@@ -26,8 +26,16 @@ Model FLOPs per step (gradient-checkpointing recomputation not counted, as MFU r
   2·L·d·T², backward twice that); N_lm = the decoder layers' matmul weights; the head
   (d × vocab), 4·d·V per labelled token only (answers and their end token: the loss
   runs it on those positions alone, robovqa_ft/training/loss.py); vision tower and projector,
-  frozen and before any LoRA, forward only, per tile: 2·N_vit·P + 4·L_v·d_v·P² +
-  2·N_proj·P' (P = 1025 patches + class, P' = 256 tokens).
+  frozen and before any LoRA, forward only (`visual_flops`), per tile: 2·N_vit·P +
+  4·L_v·d_v·P² + 2·N_proj·P' (P = 1025 patches + class, P' = 256 tokens). Qwen2.5-VL's
+  and Qwen3-VL's (bench/family_cost.py, and Qwen3-VL-8B in bench/gpu_slot.py), from their
+  patch grids (`image_grid_thw`, `video_grid_thw`): per patch 2·N_blocks (the vision
+  blocks' matmuls: attention q, k, v, o and the MLP, gated in Qwen2.5-VL), per merged
+  token (2×2 patches) 2·N_mergers (the merger, and in Qwen3-VL one per deepstack layer),
+  attention 4·d_v·g² per layer and attention group of g patches, the groups the model's
+  own (`transformers.vision_utils`: each frame or frame pair alone; Qwen2.5-VL's windowed
+  layers, all but `fullatt_block_indexes`, by `get_vision_window_index`). Patch
+  embeddings are left out, as InternVL's formula leaves its own out (<0.5% of the vision).
   A tree (shared prefix of p tokens, then branches of b_k tokens) is counted as what it
   computes, its real tokens T = p + Σb_k: the prefix once in every linear term; attention
   6·L·d·(p² + Σ_k (2·p·b_k + b_k²)), each branch attending causally to the prefix and to
@@ -55,7 +63,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -63,9 +71,11 @@ from synthetic import CONFIG, STAGES, stage_dataset, write_clips
 from torch.utils.data import Dataset
 from transformers import PrinterCallback, TrainerCallback
 from transformers.utils import is_flash_attn_2_available
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
 from robovqa_ft.training.attention import BRANCH
 from robovqa_ft.training.collate import collator
+from robovqa_ft.training.families import FAMILIES, Family
 from robovqa_ft.training.metrics import MetricsLog
 from robovqa_ft.training.model import attach_lora, load_model, load_processor
 from robovqa_ft.training.random_model import build_random_internvl, conversation_texts
@@ -208,30 +218,95 @@ def lora_parameters(config, r: int) -> int:
     return text.num_hidden_layers * per_layer
 
 
-def model_flops(
-    config,
-    lengths: list[int],
-    labelled: int,
-    tiles: int,
-    lora_params: int,
-    squares: list[int] | None = None,
-) -> float:
-    """Model FLOPs of one optimizer step over samples of `lengths` tokens, `labelled` of them
-    labelled, with `tiles` image tiles in all (module docstring). `squares`: each sample's
-    attention, in units of one causal sequence's T² (`tree_squares` for a tree); by
-    default each sample is one causal sequence, T²."""
-    text, vision = config.text_config, config.vision_config
-    n_lm, layers, d = language_sizes(config)
+def tile_flops(config) -> int:
+    """InternVL's vision tower and projector on one tile, forward only (module docstring)."""
+    vision = config.vision_config
+    d = config.text_config.hidden_size
     dv, lv = vision.hidden_size, vision.num_hidden_layers
     n_vit = lv * (4 * dv * dv + 2 * dv * vision.intermediate_size)
     patches = (vision.image_size[0] // vision.patch_size[0]) ** 2 + 1
     projected = config.image_seq_length
     n_proj = 4 * dv * d + d * d  # 4096 -> 3584 -> 3584
+    return 2 * n_vit * patches + 4 * lv * dv * patches**2 + 2 * n_proj * projected
+
+
+def vision_weights(config) -> dict[str, int]:
+    """A Qwen vision tower's matmul weights: its blocks' (attention q, k, v, o and the MLP,
+    gated in Qwen2.5-VL) and its mergers' (2×2 patches to the language model's width; in
+    Qwen3-VL, one merger more for each deepstack layer)."""
+    vision = config.vision_config
+    d, inner, depth = vision.hidden_size, vision.intermediate_size, vision.depth
+    merged = d * vision.spatial_merge_size**2
+    merger = merged * merged + merged * vision.out_hidden_size
+    if config.model_type == "qwen2_5_vl":
+        return {"blocks": depth * (4 * d * d + 3 * d * inner), "mergers": merger}
+    if config.model_type == "qwen3_vl":
+        deepstack = len(vision.deepstack_visual_indexes)
+        return {"blocks": depth * (4 * d * d + 2 * d * inner), "mergers": (1 + deepstack) * merger}
+    raise ValueError(f"no vision formula for {config.model_type}")
+
+
+def attention_groups(config, grid_thw: torch.Tensor) -> dict[str, list[int]]:
+    """Patches in each vision attention group: "full" (each frame, or frame pair, alone)
+    and, for Qwen2.5-VL's windowed layers, "window", as the model's own code groups them."""
+    vision = config.vision_config
+    full = get_vision_cu_seqlens(grid_thw).diff().tolist()
+    if config.model_type != "qwen2_5_vl":
+        return {"full": full}
+    _, windows = get_vision_window_index(
+        grid_thw, vision.spatial_merge_size, vision.window_size, vision.patch_size
+    )
+    return {"full": full, "window": windows.diff().tolist()}
+
+
+def qwen_vision_flops(config, grid_thw: torch.Tensor) -> int:
+    """Frames of patch grid `grid_thw` through a Qwen vision tower and its mergers, forward
+    only (module docstring)."""
+    vision, weights = config.vision_config, vision_weights(config)
+    patches = int(grid_thw.prod(dim=1).sum())
+    merged = patches // vision.spatial_merge_size**2
+    groups = attention_groups(config, grid_thw)
+    full_layers = len(getattr(vision, "fullatt_block_indexes", range(vision.depth)))
+    pairs = full_layers * sum(g * g for g in groups["full"])
+    pairs += (vision.depth - full_layers) * sum(g * g for g in groups.get("window", []))
+    linear = 2 * weights["blocks"] * patches + 2 * weights["mergers"] * merged
+    return linear + 4 * vision.hidden_size * pairs
+
+
+GRIDS = ("image_grid_thw", "video_grid_thw")  # a Qwen model's visual inputs
+
+
+def visual_flops(config, inputs: Mapping) -> int:
+    """Forward FLOPs of the vision side (tower and projector, frozen) on one sample's,
+    tree's or micro-batch's visual inputs, each once (module docstring): InternVL's tiles
+    (`pixel_values`), or a Qwen2.5-VL or Qwen3-VL model's patch grids (`GRIDS`); 0 for
+    none."""
+    if config.model_type == "internvl":
+        return len(inputs.get("pixel_values", ())) * tile_flops(config)
+    if config.model_type in ("qwen2_5_vl", "qwen3_vl"):
+        grids = [inputs[key] for key in GRIDS if inputs.get(key) is not None]
+        return sum(qwen_vision_flops(config, grid) for grid in grids)
+    raise ValueError(f"no vision formula for {config.model_type}")
+
+
+def model_flops(
+    config,
+    lengths: list[int],
+    labelled: int,
+    visual: float,
+    lora_params: int,
+    squares: list[int] | None = None,
+) -> float:
+    """Model FLOPs of one optimizer step over samples of `lengths` tokens, `labelled` of them
+    labelled, whose frames' vision side costs `visual` FLOPs in all (`visual_flops`; module
+    docstring). `squares`: each sample's attention, in units of one causal sequence's T²
+    (`tree_squares` for a tree); by default each sample is one causal sequence, T²."""
+    text = config.text_config
+    n_lm, layers, d = language_sizes(config)
     tokens = sum(lengths)
     squares = [t * t for t in lengths] if squares is None else squares
     language = (4 * n_lm + 6 * lora_params) * tokens + 6 * layers * d * sum(squares)
     language += 4 * d * text.vocab_size * labelled  # the head, on labelled positions only
-    visual = tiles * (2 * n_vit * patches + 4 * lv * dv * patches**2 + 2 * n_proj * projected)
     return language + visual
 
 
@@ -283,12 +358,13 @@ def tree_layout(
 
 
 def executed_flops(
-    config, setup: Setup, lengths: list[int], labelled: int, tiles: int, lora_params: int
+    config, setup: Setup, lengths: list[int], labelled: int, visual: float, lora_params: int
 ) -> float:
     """FLOPs the kernels execute for one step (counted, not measured) of samples of
-    `lengths`: `layout_flops` of their `computed_layout`."""
+    `lengths`, their frames' vision side `visual` FLOPs: `layout_flops` of their
+    `computed_layout`."""
     rows, squares = computed_layout(setup, lengths)
-    return layout_flops(config, setup, rows, squares, labelled, tiles, lora_params)
+    return layout_flops(config, setup, rows, squares, labelled, visual, lora_params)
 
 
 def layout_flops(
@@ -297,16 +373,17 @@ def layout_flops(
     rows: list[int],
     squares: list[tuple[int, bool]],
     labelled: int,
-    tiles: int,
+    visual: float,
     lora_params: int,
 ) -> float:
     """FLOPs the kernels execute for one step computed as `rows` with attention `squares`
     (`computed_layout`): the model FLOPs of the rows (padding included) with those
-    squares, and with gradient checkpointing each decoder layer's forward once more in
-    the backward pass."""
+    squares and the vision side's `visual` (frozen, forward only: no padding, no
+    recomputation), and with gradient checkpointing each decoder layer's forward once
+    more in the backward pass."""
     n_lm, layers, d = language_sizes(config)
     causal_halves = [(2 if whole else 1) * side * side for side, whole in squares]
-    flops = model_flops(config, rows, labelled, tiles, lora_params, causal_halves)
+    flops = model_flops(config, rows, labelled, visual, lora_params, causal_halves)
     if setup.gradient_checkpointing:
         flops += (2 * n_lm + 2 * lora_params) * sum(rows) + 2 * layers * d * sum(causal_halves)
     return flops
@@ -315,13 +392,14 @@ def layout_flops(
 def step_flops(
     config, setup: Setup, samples: list[dict], per_step: int, lora_params: int
 ) -> tuple[float, float]:
-    """(model FLOPs, executed FLOPs) of the average step of `per_step` of `samples`."""
+    """(model FLOPs, executed FLOPs) of the average step of `per_step` of `samples`, of
+    the model family of `config` (`visual_flops`)."""
     model = executed = 0.0
     steps = [samples[i : i + per_step] for i in range(0, len(samples), per_step)]
     for step in steps:
         figures = ([len(s["input_ids"]) for s in step],
                    sum(int((torch.as_tensor(s["labels"]) != IGNORE_INDEX).sum()) for s in step),
-                   sum(len(s["pixel_values"]) for s in step))  # fmt: skip
+                   sum(visual_flops(config, s) for s in step))  # fmt: skip
         model += model_flops(config, *figures, lora_params)
         executed += executed_flops(config, setup, *figures, lora_params)
     return model / len(steps), executed / len(steps)
@@ -343,22 +421,34 @@ def tree_step_flops(
     lora_params: int,
 ) -> tuple[float, float]:
     """(model FLOPs, executed FLOPs) of the average step of `clips`' trees dealt into
-    `micro_batches` (`ClipSteps.micro_batches`)."""
+    `micro_batches` (`ClipSteps.micro_batches`): a tree's frames are its clip's, once."""
     model = executed = 0.0
     for step in micro_batches:
         batches = [[tree for clip in batch for tree in clips.trees[clip]] for batch in step]
         trees = [tree for batch in batches for tree in batch]
         labelled = sum(int((t["labels"] != IGNORE_INDEX).sum()) for t in trees)
-        tiles = sum(len(t["pixel_values"]) for t in trees)
-        model += model_flops(config, [len(t["input_ids"]) for t in trees], labelled, tiles,
+        visual = sum(visual_flops(config, t) for t in trees)
+        model += model_flops(config, [len(t["input_ids"]) for t in trees], labelled, visual,
                              lora_params, [tree_squares(t) for t in trees])  # fmt: skip
         rows, squares = tree_layout(setup, [[len(t["input_ids"]) for t in b] for b in batches])
-        executed += layout_flops(config, setup, rows, squares, labelled, tiles, lora_params)
+        executed += layout_flops(config, setup, rows, squares, labelled, visual, lora_params)
     return model / len(micro_batches), executed / len(micro_batches)
 
 
-def encode(paths: dict, processor, stage: str, count: int) -> list[dict]:
-    dataset = stage_dataset(processor, paths, stage)
+INTERNVL = FAMILIES["internvl"]
+
+
+def encode(
+    paths: dict,
+    processor,
+    stage: str,
+    count: int,
+    family: Family = INTERNVL,
+    frame_rate: float | None = None,
+) -> list[dict]:
+    """`count` of the stage's samples (round and round), encoded for `family` (its frames
+    as a video at `frame_rate`, where it takes them so: `synthetic.stage_dataset`)."""
+    dataset = stage_dataset(processor, paths, stage, family, frame_rate)
     return [dataset[i % len(dataset)] for i in range(count)]
 
 
@@ -393,10 +483,17 @@ def whole_clip_steps(questions: list[int], per_step: int, steps: int) -> list[li
     return chosen
 
 
-def encode_clip_steps(paths: dict, processor, per_step: int, steps: int) -> ClipSteps:
+def encode_clip_steps(
+    paths: dict,
+    processor,
+    per_step: int,
+    steps: int,
+    family: Family = INTERNVL,
+    frame_rate: float | None = None,
+) -> ClipSteps:
     """The stage-1 clips' trees, as the training builds them, in `steps` steps of
-    `per_step` questions."""
-    clips = ClipTrees(stage_dataset(processor, paths, "stage1"))
+    `per_step` questions; `family` and `frame_rate` as `encode`'s."""
+    clips = ClipTrees(stage_dataset(processor, paths, "stage1", family, frame_rate))
     return ClipSteps(
         trees=[clips[c] for c in range(len(clips))], questions=clips.questions,
         tokens=clips.token_counts(), per_step=per_step,
@@ -405,15 +502,23 @@ def encode_clip_steps(paths: dict, processor, per_step: int, steps: int) -> Clip
 
 
 def stage_samples(
-    paths: dict, processor, stages: list[str], per_step: int, steps: int, trees: bool
+    paths: dict,
+    processor,
+    stages: list[str],
+    per_step: int,
+    steps: int,
+    trees: bool,
+    family: Family = INTERNVL,
+    frame_rate: float | None = None,
 ) -> dict[str, list[dict] | ClipSteps]:
     """Each stage's samples for `steps` steps of `per_step`, and with `trees` (and stage
-    1), stage 1's clips as trees under `TREES`."""
+    1), stage 1's clips as trees under `TREES`; `family` and `frame_rate` as `encode`'s."""
     samples: dict[str, list[dict] | ClipSteps] = {
-        stage: encode(paths, processor, stage, per_step * steps) for stage in stages
+        stage: encode(paths, processor, stage, per_step * steps, family, frame_rate)
+        for stage in stages
     }
     if trees and "stage1" in stages:
-        samples[TREES] = encode_clip_steps(paths, processor, per_step, steps)
+        samples[TREES] = encode_clip_steps(paths, processor, per_step, steps, family, frame_rate)
     return samples
 
 

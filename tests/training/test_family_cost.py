@@ -67,18 +67,19 @@ def test_a_tree_counts_fewer_tokens_and_flops_a_question_than_separate_samples(r
 
 def test_internvl_is_counted_by_train_steps_own_formula_and_reproduces_its_step(results):
     family_cost = bench()
-    from train_step import lora_parameters, model_flops
+    from train_step import lora_parameters, model_flops, tile_flops
 
     f = results["InternVL3-8B"]
     config = f["config"]
     lora = lora_parameters(config, 128)
     frames = f["tokens"].frames["stage1"]
     lengths, labelled = [1_099] * 32, 11 * 32
-    own = model_flops(config, lengths, labelled, frames["tiles"] * 32, lora)
+    own = model_flops(config, lengths, labelled, 32 * frames["tiles"] * tile_flops(config), lora)
     assert family_cost.sample_flops(config, lengths, labelled, frames, lora) == own
-    # its language terms alone (the view the Qwen models are counted through) and the frames
-    language = model_flops(family_cost.text_only(config), lengths, labelled, 0, lora)
-    assert language + 32 * family_cost.frames_flops(config, frames) == own
+    # its language terms alone (as every family's) and the frames
+    language = model_flops(config, lengths, labelled, 0, lora)
+    assert language + 32 * frames["flops"] == own
+    assert f["vision 1"] == frames["flops"] == frames["tiles"] * tile_flops(config)
     # docs/performance.md §1: a stage-1 step of 32 × 1,099 tokens, 11 labelled, 4 tiles
     # each is 1.10 PFLOP (the `model` column of §5: 1,104 TFLOP)
     assert frames["tiles"] == 4
@@ -88,7 +89,7 @@ def test_internvl_is_counted_by_train_steps_own_formula_and_reproduces_its_step(
 @pytest.mark.parametrize("model", list(PUBLISHED))
 def test_parameters_from_the_configs_and_the_formulas_weights_match_the_built_model(model):
     family_cost = bench()
-    from train_step import language_sizes
+    from train_step import language_sizes, vision_weights
 
     config = family_cost.load_config(FIXTURES / model)
     built = family_cost.meta_model(config)
@@ -99,7 +100,7 @@ def test_parameters_from_the_configs_and_the_formulas_weights_match_the_built_mo
     assert language_sizes(config)[0] == linear["language model"]
     assert config.text_config.hidden_size * config.text_config.vocab_size == linear["head"]
     if config.model_type != "internvl":
-        weights = family_cost.vision_weights(config)
+        weights = vision_weights(config)
         assert weights["blocks"] == linear["vision"]
         assert weights["mergers"] == linear["projector"]
 

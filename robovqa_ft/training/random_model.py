@@ -161,8 +161,16 @@ def build_random_internvl(
     image_size = image_size or ARCHITECTURES[architecture]["image_size"]
     processor = build_processor(texts, image_size, vocab_size)
     config = internvl_config(architecture, processor, image_size)
+    save_random(out_dir, InternVLForConditionalGeneration, config, processor, dtype, device)
+
+
+def save_random(
+    out_dir: Path | str, model_class: type, config, processor, dtype: torch.dtype, device: str
+) -> None:
+    """A `model_class` of `config` with random weights, built on `device`, saved to
+    `out_dir` with its processor, all or nothing."""
     with torch.device(device):
-        model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
+        model = model_class._from_config(config, dtype=dtype)
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -281,11 +289,7 @@ def build_random_qwen3_vl(
     torch.manual_seed(seed)
     processor = build_qwen3_vl_processor(texts, vocab_size)
     config = qwen3_vl_config(architecture, processor)
-    with torch.device(device):
-        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
-    with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+    save_random(out_dir, Qwen3VLForConditionalGeneration, config, processor, dtype, device)
 
 
 def build_tiny_model(

@@ -67,8 +67,17 @@ def model_settings():
 
 def report_settings():
     """The settings the ablation report states: those that shape its numbers."""
-    sections = ("source", "frame_rate", "tiny_model", "model", "lora", "training", "stage1",
-                "stage2", "evaluation")
+    sections = (
+        "source",
+        "frame_rate",
+        "tiny_model",
+        "model",
+        "lora",
+        "training",
+        "stage1",
+        "stage2",
+        "evaluation",
+    )
     return {
         key: (
             shaping_settings(key, config[key])
